@@ -1,0 +1,217 @@
+"""The ``fastnst`` command: a thin argparse front end over the library.
+
+Flags of ``stylize`` are built from ``StyleConfig``'s fields, so defaults and help never drift
+from the library.  This is the only place that prints errors or picks exit statuses:
+0 success, 1 failure during the run, 2 bad arguments or inputs, 130 interrupted (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import StyleConfig, flag_name
+from .errors import FastNSTError, NonFiniteLossError, UsageError
+
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line on stderr and exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _type_of(f: dataclasses.Field):
+    text = str(f.type)
+    if text.startswith("int"):
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+def _help(f: dataclasses.Field, default) -> str:
+    text = f.metadata["help"]
+    if default is None or isinstance(default, bool):
+        return text
+    shown = " ".join(str(v) for v in default) if isinstance(default, tuple) else f"{default:g}" if \
+        isinstance(default, float) else str(default)
+    return f"{text} (default: {shown})"
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults: StyleConfig) -> None:
+    """One flag per StyleConfig field, named after it (``style_weight`` -> ``--style-weight``)."""
+    for f in dataclasses.fields(StyleConfig):
+        default, meta = getattr(defaults, f.name), f.metadata
+        kwargs: dict = dict(dest=f.name, default=default, help=_help(f, default))
+        if isinstance(default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = _type_of(f)
+            kwargs["metavar"] = meta.get("metavar")
+            if meta.get("many"):
+                kwargs["nargs"] = "+"
+            if meta.get("choices"):
+                kwargs["choices"] = meta["choices"]
+                kwargs.pop("metavar")
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fastnst", description="Fast neural style transfer (Gatys et al., CVPR 2016).")
+    parser.add_argument("--version", action="version", version=f"fastnst {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+
+    stylize = commands.add_parser(
+        "stylize", help="render a content image in the style of one or more style images",
+        description="Optimise an image so its VGG19 features match CONTENT's and its Gram matrices "
+                    "match the STYLE images' (blended when there are several).")
+    stylize.add_argument("content", metavar="CONTENT", help="content image (any format Pillow reads)")
+    stylize.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    stylize.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help="output image: .png, .jpg/.jpeg, .webp or .tif/.tiff; written atomically")
+    add_config_flags(stylize, StyleConfig())
+    stylize.set_defaults(run=_stylize)
+
+    info = commands.add_parser("info", help="versions, devices, usable backends and the weights cache",
+                               description="Print versions, devices, usable backends and where "
+                                           "the VGG19 weights are cached.")
+    info.set_defaults(run=_info)
+    return parser
+
+
+def checkpoint_path(output: Path, iteration: int, iterations: int) -> Path:
+    """Where --save-every puts the image of ``iteration``: OUT_<iteration>.<ext>, zero-padded."""
+    width = len(str(iterations))
+    return output.with_name(f"{output.stem}_{iteration:0{width}d}{output.suffix}")
+
+
+class _InterruptFlag:
+    """First Ctrl-C asks the run to stop after the current step; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def __call__(self) -> bool:
+        return self.raised
+
+    def _handle(self, signum, frame) -> None:
+        if self.raised:
+            raise KeyboardInterrupt
+        self.raised = True
+
+    def __enter__(self) -> "_InterruptFlag":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _stylize(args: argparse.Namespace) -> int:
+    from .api import render
+    from .images import check_output_path, save_image
+
+    config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)})
+    config.validate(n_styles=len(args.styles))
+    output = check_output_path(args.output)
+
+    def checkpoint(iteration, image):
+        save_image(image, checkpoint_path(output, iteration, config.iterations))
+
+    try:
+        with _InterruptFlag() as stop:
+            result = render(args.content, args.styles, config, checkpoint=checkpoint, should_stop=stop)
+    except NonFiniteLossError as exc:
+        save_image(exc.last_image, output)
+        raise NonFiniteLossError(f"{exc}; kept the image of iteration {exc.last_iteration} in "
+                                 f"{output}") from None
+    save_image(result.image, output)
+    if result.interrupted:
+        _say(f"interrupted after {result.iterations} of {config.iterations} iterations; "
+             f"saved the current image to {output}")
+        return EXIT_INTERRUPTED
+    if not config.quiet:
+        width, height = result.image.shape[-1], result.image.shape[-2]
+        per_iteration = result.seconds / max(result.iterations, 1)
+        _say(f"wrote {output} ({width}x{height}, {result.iterations} iterations, loss {result.loss:.6g}, "
+             f"{result.seconds:.1f} s, {per_iteration:.3f} s/iter)")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import platform
+
+    import PIL
+    import torch
+    import torchvision
+
+    from .devices import describe_devices
+    from .vgg import imagenet_cache_path
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # not installed, or broken: either way not usable
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    lines = [
+        f"fastnst {__version__}",
+        f"python {platform.python_version()} ({sys.executable})",
+        f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none'}, cuDNN "
+        f"{torch.backends.cudnn.version() if cuda else 'n/a'})",
+        f"torchvision {torchvision.__version__}",
+        f"pillow {PIL.__version__}",
+        f"triton {triton_version or 'not installed'}",
+        "devices:",
+        *(f"  {line}" for line in describe_devices()),
+        "backends:",
+        "  torch (reference kernels): usable",
+        f"  triton: {_triton_status(triton_version, cuda, interpret)}",
+        f"imagenet weights: {imagenet_cache_path()} "
+        f"({'cached' if imagenet_cache_path().is_file() else 'not cached; downloaded on first use'})",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _triton_status(version: str | None, cuda: bool, interpret: bool) -> str:
+    if version is None:
+        return "not usable (triton is not installed)"
+    if cuda:
+        return "usable (CUDA)"
+    if interpret:
+        return "usable through the interpreter (TRITON_INTERPRET=1, CPU, slow)"
+    return "not usable (no CUDA device; TRITON_INTERPRET=1 runs kernels on the CPU)"
+
+
+def _say(message: str) -> None:
+    print(f"fastnst: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.run(args)
+    except FastNSTError as exc:
+        _say(f"error: {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _say("interrupted; nothing was written")
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line for users, the traceback on request
+        if os.environ.get("FASTNST_DEBUG"):
+            raise
+        _say(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+             " (set FASTNST_DEBUG=1 for the traceback)")
+        return 1

@@ -1,0 +1,198 @@
+"""Every default in one place.
+
+``StyleConfig`` holds the options of one stylisation.  Each field carries its help text and valid
+range as metadata; ``cli.py`` builds its flags from these fields and ``validate()`` checks the
+ranges, so the defaults, the ``--help`` text and the checks cannot drift apart.
+
+Loss weights follow the paper's formulas (DESIGN.md):
+
+    L = content_weight * sum_c v_c * L_c  +  style_weight * sum_l w_l * E_l  +  tv_weight * TV
+
+with L_c = 1/2 sum (F - P)^2 and E_l = sum (G - A)^2 / (4 N_l^2 M_l^2).  The defaults reproduce the
+official PyTorch neural-style tutorial's objective exactly (style weight 1e6, content weight 1,
+losses as mean squared errors of features and of Grams divided by N*M); its normalisations fold
+into the per-layer weights: v_c = 2 / (N_c M_c) and w_l = 4 / N_l^2 (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+OPTIMIZERS = ("lbfgs", "adam")
+POOLINGS = ("max", "avg")
+INITS = ("noise", "content", "style")
+
+# Step size used when --lr is not given.  L-BFGS: the unit step of a quasi-Newton method
+# (torch.optim.LBFGS and neural-style use 1).  Adam: the per-step pixel change in [0, 1] units;
+# 0.02 ~ 5/255, between neural-style's 10/255 and the slower but steadier values peers use.
+DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
+
+# Random VGG weights (--weights random) are always drawn with this seed, so that --seed only
+# changes the initial image and benchmark runs stay comparable.
+RANDOM_WEIGHTS_SEED = 0
+
+
+def option(default: Any, help: str, *, metavar: str | None = None, choices: tuple | None = None,
+           minimum: float | None = None, maximum: float | None = None, above: float | None = None,
+           many: bool = False) -> Any:
+    """A config field with what the CLI and the validator need to know about it.
+
+    minimum/maximum are inclusive bounds, ``above`` an exclusive lower bound; ``many`` marks a
+    tuple option given as several values after one flag.
+    """
+    meta = dict(help=help, metavar=metavar, choices=choices, minimum=minimum, maximum=maximum,
+                above=above, many=many)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class StyleConfig:
+    """Options of one stylisation; every default of the library and the CLI lives here."""
+
+    size: int = option(512, "longest side of the output image in pixels", metavar="PX",
+                       minimum=16, maximum=65536)
+    iterations: int = option(500, "optimisation steps (each one VGG forward and backward)", metavar="N",
+                             minimum=1, maximum=10_000_000)
+    optimizer: str = option("lbfgs", "optimiser: L-BFGS (the paper's) or Adam", choices=OPTIMIZERS)
+    lr: float | None = option(None, "step size (default: 1.0 for lbfgs, 0.02 for adam)", metavar="LR",
+                              above=0.0, maximum=1e6)
+    lbfgs_history: int = option(20, "L-BFGS history length m: pairs kept, each costs 2 image-sized "
+                                "fp32 vectors", metavar="M", minimum=1, maximum=1000)
+    content_weight: float = option(1.0, "alpha, the content loss weight", metavar="ALPHA",
+                                   minimum=0.0, maximum=1e30)
+    style_weight: float = option(1e6, "beta, the style loss weight", metavar="BETA",
+                                 minimum=0.0, maximum=1e30)
+    tv_weight: float = option(0.0, "total-variation weight (smoothness; 0 = off)", metavar="W",
+                              minimum=0.0, maximum=1e30)
+    content_layers: tuple[str, ...] = option(("conv4_2",), "VGG19 layers whose features carry the content",
+                                             metavar="LAYER", many=True)
+    style_layers: tuple[str, ...] = option(("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"),
+                                           "VGG19 layers whose Gram matrices carry the style",
+                                           metavar="LAYER", many=True)
+    content_layer_weights: tuple[float, ...] | None = option(
+        None, "per-content-layer weights v_c (default: 2/(N*M), the tutorial's mean squared error)",
+        metavar="V", minimum=0.0, maximum=1e30, many=True)
+    style_layer_weights: tuple[float, ...] | None = option(
+        None, "per-style-layer weights w_l (default: 4/N^2, the tutorial's Gram normalisation)",
+        metavar="W", minimum=0.0, maximum=1e30, many=True)
+    style_blend_weights: tuple[float, ...] | None = option(
+        None, "relative weight of each style image (default: equal); targets are the weighted "
+        "mean of their Grams", metavar="B", minimum=0.0, maximum=1e30, many=True)
+    style_scale: float = option(1.0, "style image size relative to the output size", metavar="S",
+                                above=0.0, maximum=16.0)
+    pooling: str = option("max", "VGG pooling (the paper prefers avg; max suits torchvision's weights)",
+                          choices=POOLINGS)
+    init: str = option("noise", "initial image: seeded noise, the content or the style image",
+                       choices=INITS)
+    seed: int = option(0, "random seed of the noise initialisation", metavar="N",
+                       minimum=0, maximum=2**63 - 1)
+    weights: str = option("imagenet", "VGG19 weights: imagenet (torchvision, cached), random "
+                          "(seeded, for tests and benchmarks) or a state-dict file", metavar="imagenet|random|PATH")
+    device: str = option("auto", "where to run: auto (CUDA if present), cpu, cuda or cuda:N", metavar="DEVICE")
+    save_every: int = option(0, "also save the image every N iterations as OUT_<iteration>.<ext> "
+                             "(0 = off)", metavar="N", minimum=0, maximum=10_000_000)
+    report_every: int = option(10, "on CUDA, read the loss back every N iterations (each read "
+                               "waits for the GPU); on CPU it is read every iteration", metavar="N",
+                               minimum=1, maximum=10_000_000)
+    quiet: bool = option(False, "no progress bar or summary")
+
+    def __post_init__(self) -> None:
+        # Accept lists (Python callers, JSON) for tuple options and Path objects for weights.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("many") and isinstance(value, (list, tuple)):
+                setattr(self, f.name, tuple(value))
+            elif f.metadata.get("many") and isinstance(value, (str, int, float)):
+                setattr(self, f.name, (value,))
+        if not isinstance(self.weights, str):
+            self.weights = str(self.weights)
+
+    @property
+    def step_size(self) -> float:
+        """The step size in use: --lr, or the optimiser's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def replace(self, **overrides: Any) -> "StyleConfig":
+        """A copy with some options changed; unknown names are a ConfigError."""
+        names = {f.name for f in dataclasses.fields(self)}
+        for name in overrides:
+            if name not in names:
+                raise ConfigError(f"unknown option '{name}'")
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self, n_styles: int | None = None) -> "StyleConfig":
+        """Check every option before any work starts; raises ConfigError naming the valid range."""
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        from .vgg import LAYERS  # late import: vgg pulls in torchvision
+
+        for kind, layers in (("content", self.content_layers), ("style", self.style_layers)):
+            if not layers:
+                raise ConfigError(f"at least one {kind} layer is needed")
+            for name in layers:
+                if name not in LAYERS:
+                    raise ConfigError(f"unknown {kind} layer '{name}' (valid: conv1_1 .. conv5_4, "
+                                      f"relu1_1 .. relu5_4)")
+        _check_count("--content-layer-weights", self.content_layer_weights, len(self.content_layers),
+                     "content layers")
+        _check_count("--style-layer-weights", self.style_layer_weights, len(self.style_layers),
+                     "style layers")
+        if n_styles is not None:
+            _check_count("--style-blend-weights", self.style_blend_weights, n_styles, "style images")
+        if self.style_blend_weights is not None and sum(self.style_blend_weights) <= 0:
+            raise ConfigError("--style-blend-weights must not all be 0")
+        if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not '{self.device}'")
+        if not self.weights:
+            raise ConfigError("--weights must be imagenet, random or a file path")
+        return self
+
+
+def _is_cuda_index(spec: str) -> bool:
+    prefix, _, index = spec.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_count(flag: str, values: tuple | None, expected: int, what: str) -> None:
+    if values is not None and len(values) != expected:
+        raise ConfigError(f"{flag} needs one value per {what[:-1]} ({expected}), got {len(values)}")
+
+
+def _check_field(f: dataclasses.Field, value: Any) -> None:
+    meta, flag = f.metadata, flag_name(f.name)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{flag} must be one of {', '.join(meta['choices'])}, not '{value}'")
+    values = value if meta.get("many") and value is not None else (value,)
+    for item in values:
+        if item is None or isinstance(item, str) or f.type in ("bool",):
+            continue
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            raise ConfigError(f"{flag} must be a number, not {item!r}")
+        if f.type == "int" and not float(item).is_integer():
+            raise ConfigError(f"{flag} must be a whole number, not {item!r}")
+        if not math.isfinite(item):
+            raise ConfigError(f"{flag} must be finite, not {item!r}")
+        low, high, above = meta.get("minimum"), meta.get("maximum"), meta.get("above")
+        if (low is not None and item < low) or (above is not None and item <= above) or (
+                high is not None and item > high):
+            raise ConfigError(f"{flag} must be {_range_text(low, above, high)}, not {item!r}")
+
+
+def _range_text(low: float | None, above: float | None, high: float | None) -> str:
+    def show(v: float) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    if above is not None:
+        return f"> {show(above)} and <= {show(high)}" if high is not None else f"> {show(above)}"
+    if high is not None:
+        return f"in [{show(low)}, {show(high)}]"
+    return f">= {show(low)}"

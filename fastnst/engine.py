@@ -1,0 +1,123 @@
+"""The run loop: one fixed-shape step per iteration, progress, checkpoints, interruption.
+
+An iteration is ``step(image) -> loss``: the objective's forward and backward at the current
+image and the optimiser's in-place update, all on the device with buffers of fixed shape and no
+host synchronisation.  The loop around it is the only place that reads values back, and only
+every ``report_every`` iterations on CUDA (every iteration on the CPU, where reading is free), so
+the step can later be captured in a CUDA graph and replayed without changing this file's shape.
+
+The image is optimised unconstrained by L-BFGS: clamping it inside the loop would make the
+stored steps s differ from the steps the gradients y saw, corrupting the curvature pairs.  The
+content and style terms keep it near the valid range; the result is clipped to [0, 1] when it is
+read out.  Adam projects onto [0, 1] after every update (see optim.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import NonFiniteLossError
+
+# Noise initialisation: mid-grey plus Gaussian noise of this standard deviation, so that the
+# start is white noise (the paper's choice) yet stays inside the valid pixel range.
+NOISE_MEAN, NOISE_STD = 0.5, 0.1
+
+Step = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class RunResult:
+    image: torch.Tensor  # (1, 3, H, W) on the CPU, clipped to [0, 1]
+    iterations: int  # iterations completed
+    loss: float | None  # the last loss read back
+    seconds: float
+    interrupted: bool = False
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss) as read
+
+
+def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
+    """The starting image, (1, 3, H, W) fp32 on content's device, shaped like the content."""
+    if init == "content":
+        return content.detach().clone().float()
+    if init == "style":
+        size = content.shape[-2:]
+        return F.interpolate(style.float(), size=size, mode="bilinear", antialias=True,
+                             align_corners=False).clamp_(0, 1)
+    if init == "noise":
+        # Drawn on the CPU so the same seed gives the same start on every device.
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(content.shape, generator=generator) * NOISE_STD + NOISE_MEAN
+        return noise.clamp_(0, 1).to(content.device)
+    raise ValueError(f"unknown init '{init}'")
+
+
+def make_step(objective: Callable[[torch.Tensor], torch.Tensor], optimizer) -> Step:
+    """One iteration: loss and gradient at ``image``, then the optimiser's in-place update."""
+
+    def step(image: torch.Tensor) -> torch.Tensor:
+        loss = objective(image)
+        (grad,) = torch.autograd.grad(loss, image)
+        optimizer.update(image, grad)
+        return loss.detach()
+
+    return step
+
+
+def optimise(step: Step, image: torch.Tensor, iterations: int, *, report_every: int = 10,
+             progress: bool = True, checkpoint: Callable[[int, torch.Tensor], None] | None = None,
+             checkpoint_every: int = 0, should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+    """Run ``iterations`` steps on ``image`` (a leaf that requires grad, updated in place).
+
+    Raises NonFiniteLossError when a loss read back is NaN or infinite; it carries the last image
+    whose loss was finite.  ``should_stop`` is polled before each step (Ctrl-C handling).
+    """
+    read_every = 1 if image.device.type == "cpu" else report_every
+    last_good = image.detach().clone()
+    candidate = torch.empty_like(last_good)
+    last_good_iteration, loss_value, losses = 0, None, []
+    interrupted = False
+    started = time.perf_counter()
+    with tqdm(total=iterations, disable=not progress, unit="it", desc="stylize", dynamic_ncols=True,
+              leave=False) as bar:
+        done = 0
+        for i in range(1, iterations + 1):
+            if should_stop():
+                interrupted = True
+                break
+            read = i % read_every == 0 or i == iterations
+            if read:
+                candidate.copy_(image.detach())  # the loss about to be read is this image's
+            loss = step(image)
+            done = i
+            bar.update(1)
+            if read:
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f"the loss became {loss_value} at iteration {i} (a step size --lr too large "
+                        f"for these weights is the usual cause)",
+                        last_image=last_good.cpu().clamp_(0, 1), last_iteration=last_good_iteration)
+                last_good, candidate = candidate, last_good
+                last_good_iteration = i - 1
+                losses.append((i, loss_value))
+                bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+            if checkpoint is not None and checkpoint_every and i % checkpoint_every == 0:
+                checkpoint(i, _readout(image, last_good))
+    seconds = time.perf_counter() - started
+    return RunResult(image=_readout(image, last_good), iterations=done, loss=loss_value, seconds=seconds,
+                     interrupted=interrupted, losses=losses)
+
+
+def _readout(image: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """The current image clipped to [0, 1] on the CPU; the fallback if it holds NaN or inf."""
+    current = image.detach()
+    if not bool(torch.isfinite(current).all()):
+        current = fallback
+    return current.float().cpu().clamp(0, 1)

@@ -1,0 +1,115 @@
+"""The style-transfer objective of one image: targets, computed once, and the loss.
+
+    L = alpha * sum_c v_c * L_c  +  beta * sum_l w_l * E_l  +  tv * TV
+
+L_c = 1/2 sum (F - P)^2 (content), E_l = sum (G - A)^2 / (4 N^2 M^2) (style), TV the sum of
+squared differences of neighbouring pixels.  With several style images the target A_l is their
+blend-weighted mean Gram.  A style image of another size than the output has a Gram summed over
+a different number of positions M_s, so each style Gram is rescaled by M_out / M_s before
+blending; when the sizes match (the paper's setting) this factor is 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from . import kernels
+from .config import StyleConfig
+from .vgg import VGGFeatures, layer_channels
+
+
+def feature_layers(config: StyleConfig) -> tuple[str, ...]:
+    """The layers the network must return: content layers then style layers, without repeats."""
+    return tuple(dict.fromkeys((*config.content_layers, *config.style_layers)))
+
+
+def default_content_layer_weight(channels: int, positions: int) -> float:
+    """v_c = 2 / (N M): turns 1/2 sum (F - P)^2 into the tutorial's mean squared error."""
+    return 2.0 / (channels * positions)
+
+
+def default_style_layer_weight(channels: int) -> float:
+    """w_l = 4 / N^2: turns E_l into the tutorial's MSE between Grams divided by N*M."""
+    return 4.0 / channels**2
+
+
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Sum of squared differences between vertically and horizontally adjacent pixels (fp32)."""
+    image = image.float()
+    dy = image[..., 1:, :] - image[..., :-1, :]
+    dx = image[..., :, 1:] - image[..., :, :-1]
+    return dy.square().sum() + dx.square().sum()
+
+
+class StyleObjective:
+    """Holds the targets P_c and A_l and evaluates the loss of an image of the content's size."""
+
+    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor],
+                 config: StyleConfig):
+        if not styles:
+            raise ValueError("at least one style image is needed")
+        layers = network.layers
+        self.network = network
+        self.content_layers = tuple(config.content_layers)
+        self.style_layers = tuple(config.style_layers)
+        self.content_slots = tuple(layers.index(name) for name in self.content_layers)
+        self.style_slots = tuple(layers.index(name) for name in self.style_layers)
+        self.alpha = float(config.content_weight)
+        self.beta = float(config.style_weight)
+        self.tv_weight = float(config.tv_weight)
+
+        with torch.no_grad():
+            content_features = network(content)
+            self.content_targets = tuple(content_features[s].detach().clone() for s in self.content_slots)
+            out_positions = [content_features[s][0, 0].numel() for s in self.style_slots]
+            del content_features
+            self.style_targets = self._blended_grams(styles, config.style_blend_weights, out_positions)
+
+        self.content_layer_weights = tuple(
+            config.content_layer_weights if config.content_layer_weights is not None else
+            (default_content_layer_weight(p.shape[1], p[0, 0].numel()) for p in self.content_targets))
+        self.style_layer_weights = tuple(
+            config.style_layer_weights if config.style_layer_weights is not None else
+            (default_style_layer_weight(layer_channels(name)) for name in self.style_layers))
+
+    def _blended_grams(self, styles: Sequence[torch.Tensor], blend: Sequence[float] | None,
+                       out_positions: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        blend = list(blend) if blend is not None else [1.0] * len(styles)
+        total = float(sum(blend))
+        targets: list[torch.Tensor | None] = [None] * len(self.style_slots)
+        for style, share in zip(styles, blend):
+            features = self.network(style)
+            for i, slot in enumerate(self.style_slots):
+                f = features[slot]
+                term = kernels.gram(f)[0] * ((share / total) * out_positions[i] / f[0, 0].numel())
+                targets[i] = term if targets[i] is None else targets[i] + term
+            del features
+        return tuple(targets)  # type: ignore[arg-type]
+
+    def _weighted_terms(self, image: torch.Tensor):
+        """Yield (name, unweighted value, weight) for every term of the loss."""
+        features = self.network(image)
+        for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
+                                         self.content_layer_weights):
+            yield f"content:{name}", kernels.content_loss(features[slot], target), self.alpha * v
+        for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
+                                         self.style_layer_weights):
+            yield f"style:{name}", kernels.style_loss(features[slot], target), self.beta * w
+        if self.tv_weight:
+            yield "tv", total_variation(image), self.tv_weight
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """The total loss, an fp32 scalar."""
+        return sum(value * weight for _, value, weight in self._weighted_terms(image))
+
+    def terms(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each unweighted term (``content:<layer>``, ``style:<layer>``, ``tv`` if on) and ``total``."""
+        terms: dict[str, torch.Tensor] = {}
+        total = image.new_zeros((), dtype=torch.float32)
+        for name, value, weight in self._weighted_terms(image):
+            terms[name] = value
+            total = total + value * weight
+        terms["total"] = total
+        return terms

@@ -1,0 +1,231 @@
+"""VGG19 feature extractor: layer names, weights (imagenet | file | random), truncation, pooling.
+
+The network is torchvision's ``vgg19``; only its ``features`` part is kept, cut after the deepest
+layer asked for, with every parameter frozen (style transfer never needs a weight gradient).
+A layer's feature is its rectified response, as in Gatys et al.: ``conv4_2`` and ``relu4_2``
+name the same tensor, the output of the ReLU that follows that convolution.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import nn
+from torchvision.models import VGG19_Weights, vgg19
+
+from .errors import WeightsError
+
+# Channels of VGG19's 16 convolutions, block by block (Simonyan & Zisserman, configuration E).
+_BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512))
+
+# ImageNet statistics the torchvision weights were trained with (RGB in [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _layer_table() -> dict[str, tuple[int, int, int]]:
+    """Map ``convB_I`` / ``reluB_I`` to (index of the ReLU in ``features``, channels, pools before)."""
+    table: dict[str, tuple[int, int, int]] = {}
+    index = 0
+    for block, channels in enumerate(_BLOCKS, start=1):
+        for position, width in enumerate(channels, start=1):
+            relu_index = index + 1  # conv at `index`, its ReLU right after
+            table[f"conv{block}_{position}"] = (relu_index, width, block - 1)
+            table[f"relu{block}_{position}"] = (relu_index, width, block - 1)
+            index += 2
+        index += 1  # the pooling layer closing the block
+    return table
+
+
+LAYERS = _layer_table()
+LAYER_NAMES = tuple(name for name in LAYERS if name.startswith("conv"))
+
+
+def layer_info(name: str) -> tuple[int, int, int]:
+    """(features index, channels, poolings before it) of a layer name; ValueError if unknown."""
+    try:
+        return LAYERS[name]
+    except KeyError:
+        raise ValueError(f"unknown VGG19 layer '{name}' (use conv1_1 .. conv5_4 or relu1_1 .. relu5_4)") from None
+
+
+def layer_channels(name: str) -> int:
+    return layer_info(name)[1]
+
+
+def layer_stride(name: str) -> int:
+    """How many input pixels one feature position spans along each axis (2 ** poolings before it)."""
+    return 2 ** layer_info(name)[2]
+
+
+def _expected_shapes() -> dict[str, tuple[int, ...]]:
+    """State-dict keys and shapes of torchvision's vgg19 ``features`` (without the prefix)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    index, in_channels = 0, 3
+    for channels in _BLOCKS:
+        for width in channels:
+            shapes[f"{index}.weight"] = (width, in_channels, 3, 3)
+            shapes[f"{index}.bias"] = (width,)
+            in_channels = width
+            index += 2
+        index += 1
+    return shapes
+
+
+FEATURE_SHAPES = _expected_shapes()
+
+
+def imagenet_cache_path() -> Path:
+    """Where torch hub keeps (or will keep) torchvision's VGG19 ImageNet checkpoint."""
+    filename = os.path.basename(VGG19_Weights.IMAGENET1K_V1.url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _load_imagenet(progress: bool) -> Mapping[str, torch.Tensor]:
+    cache = imagenet_cache_path()
+    try:
+        # check_hash verifies the download against the hash in the file name.
+        return VGG19_Weights.IMAGENET1K_V1.get_state_dict(
+            progress=progress, check_hash=True, weights_only=True, map_location="cpu"
+        )
+    except (URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise WeightsError(
+            f"cannot download the VGG19 ImageNet weights ({reason}); put "
+            f"{cache.name} at {cache} or use --weights PATH|random"
+        ) from None
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise WeightsError(
+            f"the VGG19 ImageNet weights at {cache} are unusable ({_first_line(exc)}); "
+            f"delete the file to download it again, or use --weights PATH|random"
+        ) from None
+
+
+def _load_file(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file '{path}' does not exist (use imagenet, random or a file path)")
+    try:
+        # weights_only: a checkpoint can carry pickled code; never run it.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"weights file '{path}' holds more than tensors and was refused ({_first_line(exc)})"
+        ) from None
+    except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
+        raise WeightsError(f"weights file '{path}' is not a PyTorch checkpoint ({_first_line(exc)})") from None
+    if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
+        state = state["state_dict"]
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"weights file '{path}' does not hold a state dict (found {type(state).__name__})")
+    return state
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def features_state_dict(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
+    """Pick and validate the ``features`` weights of a VGG19 state dict.
+
+    Accepts torchvision's full vgg19 state dict (``features.N.*``; the classifier is ignored) or a
+    state dict of ``features`` alone (``N.*``).  Raises WeightsError naming the first problem.
+    """
+    prefixed = any(str(key).startswith("features.") for key in state)
+    picked: dict[str, object] = {}
+    for key, value in state.items():
+        key = str(key)
+        if prefixed:
+            if not key.startswith("features."):
+                continue  # classifier weights: not used for style transfer
+            key = key[len("features."):]
+        picked[key] = value
+    for key, shape in FEATURE_SHAPES.items():
+        if key not in picked:
+            shown = f"features.{key}" if prefixed else key
+            raise WeightsError(f"{source}: missing key '{shown}' (not a VGG19 checkpoint?)")
+        value = picked[key]
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{source}: '{key}' is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != shape:
+            raise WeightsError(
+                f"{source}: '{key}' has shape {tuple(value.shape)}, VGG19 needs {shape}"
+            )
+    for key in picked:
+        if key not in FEATURE_SHAPES:
+            shown = f"features.{key}" if prefixed else key
+            raise WeightsError(f"{source}: unexpected key '{shown}' (not a VGG19 checkpoint?)")
+    return {key: picked[key].float() for key in FEATURE_SHAPES}  # type: ignore[union-attr]
+
+
+def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
+    """Seeded He-normal weights (fan-in), zero biases: activations keep their scale through depth."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for key, shape in FEATURE_SHAPES.items():
+        if key.endswith(".weight"):
+            fan_in = shape[1] * shape[2] * shape[3]
+            state[key] = torch.randn(shape, generator=generator) * (2.0 / fan_in) ** 0.5
+        else:
+            state[key] = torch.zeros(shape)
+    return state
+
+
+def load_weights(spec: str, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
+    """The ``features`` state dict for ``imagenet``, ``random`` or a file path."""
+    if spec == "random":
+        return random_state_dict(seed)
+    if spec == "imagenet":
+        return features_state_dict(_load_imagenet(progress), f"ImageNet weights at {imagenet_cache_path()}")
+    return features_state_dict(_load_file(spec), f"weights file '{spec}'")
+
+
+class VGGFeatures(nn.Module):
+    """Runs VGG19 on an RGB image in [0, 1] and returns the requested layers' features, in order."""
+
+    def __init__(self, layers: Sequence[str], state_dict: Mapping[str, torch.Tensor], pooling: str = "max"):
+        super().__init__()
+        if not layers:
+            raise ValueError("at least one layer is needed")
+        if pooling not in ("max", "avg"):
+            raise ValueError(f"pooling must be 'max' or 'avg', not '{pooling}'")
+        self.layers = tuple(layers)
+        self.indices = tuple(layer_info(name)[0] for name in self.layers)
+        last = max(self.indices)
+        # Built on the meta device: torchvision's constructor would otherwise spend a second
+        # initialising the 120M classifier parameters we throw away.
+        with torch.device("meta"):
+            features = vgg19(weights=None).features[: last + 1]
+        for i, module in enumerate(features):
+            if isinstance(module, nn.MaxPool2d) and pooling == "avg":
+                features[i] = nn.AvgPool2d(kernel_size=2, stride=2)
+        features = features.to_empty(device="cpu")
+        features.load_state_dict({k: v for k, v in state_dict.items() if int(k.split(".")[0]) <= last})
+        self.features = features.eval().requires_grad_(False)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        # Each requested index -> positions in the output tuple (a layer may be asked for twice,
+        # e.g. conv4_2 as content and style layer).
+        self._slots: dict[int, list[int]] = {}
+        for slot, index in enumerate(self.indices):
+            self._slots.setdefault(index, []).append(slot)
+
+    def train(self, mode: bool = True) -> "VGGFeatures":
+        # Dropout/batch-norm free, but keep eval semantics regardless of what callers ask.
+        return super().train(False)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = (image - self.mean) / self.std
+        out: list[torch.Tensor | None] = [None] * len(self.indices)
+        for index, module in enumerate(self.features):
+            x = module(x)
+            for slot in self._slots.get(index, ()):
+                out[slot] = x
+        return tuple(out)  # type: ignore[arg-type]

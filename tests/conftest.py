@@ -1,0 +1,50 @@
+"""Shared fixtures: small images on disk, a private torch hub cache, a fast CPU config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastnst import StyleConfig
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.fixture(autouse=True)
+def private_torch_home(tmp_path_factory, monkeypatch):
+    """Every test sees an empty torch hub cache of its own: nothing is read from or written to
+    the user's cache, and nothing is downloaded."""
+    home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def content_path() -> Path:
+    return EXAMPLES / "tubingen.jpg"
+
+
+@pytest.fixture
+def style_path() -> Path:
+    return EXAMPLES / "starry_night.jpg"
+
+
+@pytest.fixture
+def second_style_path() -> Path:
+    return EXAMPLES / "the_scream.jpg"
+
+
+@pytest.fixture
+def small_config() -> StyleConfig:
+    """Random weights, 64 px, CPU: what every end-to-end test runs with."""
+    return StyleConfig(weights="random", size=64, iterations=20, device="cpu", quiet=True)
+
+
+def random_image(path: Path, size=(64, 48), seed=0, mode="RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels, mode="RGB").convert(mode).save(path)
+    return path

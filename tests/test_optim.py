@@ -1,0 +1,101 @@
+"""The device-resident optimisers against torch.optim, step for step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastnst import StyleConfig
+from fastnst.engine import initial_image, make_step
+from fastnst.objective import StyleObjective, feature_layers
+from fastnst.optim import LBFGS, Adam
+from fastnst.vgg import VGGFeatures, random_state_dict
+
+
+def _quadratic(n=40, seed=0):
+    """f(x) = 1/2 x^T Q x - b^T x with Q symmetric positive definite and badly conditioned."""
+    g = torch.Generator().manual_seed(seed)
+    basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    q = (basis * torch.logspace(-2, 2, n, dtype=torch.float64)) @ basis.T
+    b = torch.randn(n, generator=g, dtype=torch.float64)
+    return (lambda x: 0.5 * x @ q @ x - b @ x), torch.linalg.solve(q, b)
+
+
+def _torch_lbfgs_trajectory(loss_fn, x0, steps, lr, history):
+    x = x0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([x], lr=lr, max_iter=steps, max_eval=10 * steps, history_size=history,
+                            tolerance_grad=-1.0, tolerance_change=0.0, line_search_fn=None)
+    losses = []
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(x)
+        loss.backward()
+        losses.append(loss.item())
+        return loss
+
+    opt.step(closure)
+    return x.detach(), losses
+
+
+def _our_trajectory(loss_fn, x0, steps, lr, history):
+    x = x0.clone().requires_grad_(True)
+    opt = LBFGS(x, lr=lr, history=history)
+    step = make_step(loss_fn, opt)
+    losses = [step(x).item() for _ in range(steps)]
+    return x.detach(), losses
+
+
+@pytest.mark.parametrize("history", [3, 10])
+def test_lbfgs_matches_torch_on_a_convex_quadratic(history):
+    loss_fn, solution = _quadratic()
+    x0 = torch.zeros(40, dtype=torch.float64)
+    # float64 here: the match is exact up to rounding; 25 steps also exercise the ring wrap-around.
+    theirs, their_losses = _torch_lbfgs_trajectory(loss_fn, x0, 25, 1.0, history)
+    ours, our_losses = _our_trajectory(loss_fn, x0.float().double(), 25, 1.0, history)
+    assert len(their_losses) == len(our_losses) == 25
+    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, rtol=1e-9, atol=1e-12)
+    assert loss_fn(ours) < 0.5 * loss_fn(x0)  # and it does minimise
+    assert (ours - solution).norm() < (x0 - solution).norm()
+
+
+def test_lbfgs_matches_torch_on_the_style_objective():
+    config = StyleConfig(size=48, style_layers=("conv1_1", "conv2_1", "conv3_1"), content_layers=("conv2_2",))
+    g = torch.Generator().manual_seed(4)
+    content, style = torch.rand(1, 3, 32, 48, generator=g), torch.rand(1, 3, 32, 48, generator=g)
+    net = VGGFeatures(feature_layers(config), random_state_dict(2), pooling="max")
+    objective = StyleObjective(net, content, [style], config)
+    x0 = initial_image("noise", content, style, seed=0)
+    theirs, their_losses = _torch_lbfgs_trajectory(objective, x0, 15, 1.0, 5)
+    ours, our_losses = _our_trajectory(objective, x0, 15, 1.0, 5)
+    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-4, atol=0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert our_losses[-1] < 0.9 * our_losses[0]
+
+
+def test_lbfgs_state_is_sized_by_history():
+    x = torch.zeros(1, 3, 8, 8)
+    assert LBFGS(x, history=7).state_bytes == (2 * 7 + 2) * x.numel() * 4
+
+
+def test_adam_matches_torch_adam_without_bounds():
+    loss_fn, _ = _quadratic(n=30, seed=1)
+    x0 = torch.randn(30, dtype=torch.float64)
+    theirs = x0.clone().requires_grad_(True)
+    reference = torch.optim.Adam([theirs], lr=0.05)
+    ours = x0.clone().requires_grad_(True)
+    step = make_step(loss_fn, Adam(ours, lr=0.05, bounds=None))
+    for _ in range(30):
+        reference.zero_grad()
+        loss_fn(theirs).backward()
+        reference.step()
+        step(ours)
+    torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_adam_projects_onto_the_pixel_range():
+    x = torch.full((1, 3, 4, 4), 0.99, requires_grad=True)
+    step = make_step(lambda img: -img.sum() * 100, Adam(x, lr=0.5))
+    step(x)
+    assert x.max().item() == 1.0 and x.min().item() >= 0.0

@@ -1,0 +1,73 @@
+"""The pure-PyTorch twins against float64 loops written straight from DESIGN.md's formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastnst.kernels import reference
+
+
+def _gram64(f):
+    """G[i, j] = sum_k F[i, k] F[j, k] for one (C, M) matrix, in float64."""
+    f = f.double()
+    return torch.stack([torch.stack([(f[i] * f[j]).sum() for j in range(f.shape[0])]) for i in range(f.shape[0])])
+
+
+@pytest.mark.parametrize("batch, channels, height, width", [(1, 3, 7, 11), (3, 5, 1, 97), (2, 16, 8, 8)])
+def test_gram_matches_float64(batch, channels, height, width):
+    x = torch.randn(batch, channels, height, width)
+    out = reference.gram(x)
+    assert out.dtype == torch.float32 and out.shape == (batch, channels, channels)
+    for b in range(batch):
+        expected = _gram64(x[b].reshape(channels, -1))
+        torch.testing.assert_close(out[b].double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_accepts_flattened_and_low_precision_inputs():
+    x = torch.randn(2, 4, 6, 5)
+    torch.testing.assert_close(reference.gram(x.flatten(2)), reference.gram(x))
+    half = x.to(torch.bfloat16)
+    assert reference.gram(half).dtype == torch.float32
+    torch.testing.assert_close(reference.gram(half), reference.gram(half.float()))
+
+
+@pytest.mark.parametrize("shared_target", [True, False])
+def test_style_loss_value_and_gradient(shared_target):
+    batch, channels, positions, weight = 2, 6, 37, 2.5
+    x = torch.randn(batch, channels, positions, dtype=torch.float64)
+    # Targets are Grams, hence symmetric (the gradient formula relies on it).
+    base = torch.randn(channels, 2 * channels, dtype=torch.float64)
+    target = base @ base.T
+    if not shared_target:
+        noise = torch.randn(batch, channels, channels, dtype=torch.float64)
+        target = target + noise + noise.transpose(1, 2)
+    expected = 0.0
+    for b in range(batch):
+        a = target if shared_target else target[b]
+        expected += weight / (4 * channels**2 * positions**2) * ((_gram64(x[b]) - a) ** 2).sum()
+    x32 = x.float().requires_grad_(True)
+    loss = reference.style_loss(x32, target.float(), weight=weight)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
+    loss.backward()
+    # dE/dF = weight / (C^2 M^2) (G - A) F, per batch element (DESIGN.md).
+    for b in range(batch):
+        a = target if shared_target else target[b]
+        grad = weight / (channels**2 * positions**2) * (_gram64(x[b]) - a) @ x[b]
+        torch.testing.assert_close(x32.grad[b].double(), grad, rtol=1e-4, atol=1e-6 * grad.abs().max().item())
+
+
+def test_content_loss_value_and_gradient():
+    x = torch.randn(1, 4, 9, 13, dtype=torch.float64)
+    target = torch.randn_like(x)
+    x32 = x.float().requires_grad_(True)
+    loss = reference.content_loss(x32, target.float())
+    torch.testing.assert_close(loss.double(), 0.5 * ((x - target) ** 2).sum(), rtol=1e-5, atol=0)
+    loss.backward()
+    torch.testing.assert_close(x32.grad.double(), x - target, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_feature_shape_is_rejected():
+    with pytest.raises(ValueError, match="features must have shape"):
+        reference.gram(torch.zeros(3, 4))
