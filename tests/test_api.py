@@ -1,0 +1,43 @@
+"""The Python API: paths, PIL images and tensors in, a PIL image out; typed errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fastnst
+from fastnst.errors import ConfigError, FastNSTError, ImageError
+
+
+def test_stylize_accepts_paths_pil_images_and_tensors(content_path, style_path, small_config):
+    config = small_config.replace(iterations=3)
+    from_paths = fastnst.stylize(content_path, style_path, config)
+    assert isinstance(from_paths, Image.Image) and from_paths.size == (64, 48)
+    content = Image.open(content_path)
+    style_tensor = fastnst.images.image_to_tensor(fastnst.load_image(style_path))
+    mixed = fastnst.stylize(content, [style_tensor[0]], config)
+    assert mixed.size == (64, 48)
+    # The same pixels by another route give the same picture.
+    assert np.array_equal(np.asarray(mixed), np.asarray(from_paths))
+
+
+def test_overrides_and_defaults(content_path, style_path):
+    result = fastnst.render(content_path, style_path, weights="random", size=32, iterations=2,
+                            device="cpu", quiet=True, content_layers=["conv2_2"],
+                            style_layers=["conv1_1", "conv2_1"])
+    assert result.image.shape == (1, 3, 24, 32) and result.iterations == 2
+    with pytest.raises(ConfigError, match="unknown option 'colour'"):
+        fastnst.stylize(content_path, style_path, colour="red")
+
+
+def test_errors_are_typed(content_path, style_path, tmp_path):
+    with pytest.raises(ImageError):
+        fastnst.stylize(tmp_path / "missing.png", style_path, weights="random")
+    with pytest.raises(ConfigError):
+        fastnst.stylize(content_path, style_path, iterations=0)
+    with pytest.raises(ConfigError, match="at least one style image"):
+        fastnst.stylize(content_path, [], weights="random")
+    with pytest.raises(FastNSTError):
+        fastnst.stylize(content_path, torch.zeros(2, 2), weights="random", size=32)

@@ -1,0 +1,160 @@
+"""The command line end to end: outputs, exit statuses, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fastnst.cli import build_parser, checkpoint_path, main
+from fastnst.config import StyleConfig, flag_name
+
+from .conftest import random_image
+
+FAST = ["--weights", "random", "--size", "64", "--iterations", "10", "--device", "cpu"]
+
+
+def _run(*args, timeout=120):
+    """``python -m fastnst`` in a subprocess, as a user would run it."""
+    return subprocess.run([sys.executable, "-m", "fastnst", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_stylize_writes_the_output(tmp_path, content_path, style_path):
+    out = tmp_path / "out.png"
+    done = _run("stylize", content_path, style_path, "-o", out, *FAST)
+    assert done.returncode == 0, done.stderr
+    with Image.open(out) as image:
+        assert image.format == "PNG" and max(image.size) == 64 and image.size == (64, 48)
+    assert "wrote" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out.png"]
+
+
+def test_quiet_save_every_and_two_styles(tmp_path, content_path, style_path, second_style_path, capsys):
+    out = tmp_path / "blend.jpg"
+    code = main(["stylize", str(content_path), str(style_path), str(second_style_path), "-o", str(out),
+                 *FAST, "--style-blend-weights", "2", "1", "--save-every", "5", "--quiet",
+                 "--optimizer", "adam"])
+    assert code == 0
+    assert capsys.readouterr().err == ""
+    assert sorted(os.listdir(tmp_path)) == ["blend.jpg", "blend_05.jpg", "blend_10.jpg"]
+
+
+def _bad_inputs(tmp_path: Path, content: Path, style: Path):
+    text = tmp_path / "text.jpg"
+    text.write_text("hello\n")
+    good = random_image(tmp_path / "good.jpg", size=(120, 90))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:600])
+    out = tmp_path / "out" / "result.png"
+    (tmp_path / "out").mkdir()
+    return {
+        "missing file": ([str(tmp_path / "nope.jpg"), str(style), "-o", str(out)], "no such file"),
+        "text named .jpg": ([str(text), str(style), "-o", str(out)], "not an image"),
+        "truncated jpeg": ([str(content), str(truncated), "-o", str(out)], "truncated or corrupt"),
+        "unknown extension": ([str(content), str(style), "-o", str(out.with_suffix(".xyz"))],
+                              "unknown output extension"),
+        "missing folder": ([str(content), str(style), "-o", str(tmp_path / "none" / "o.png")], "does not exist"),
+        "size 0": ([str(content), str(style), "-o", str(out), "--size", "0"], "--size must be in [16, 65536]"),
+        "negative weight": ([str(content), str(style), "-o", str(out), "--style-weight", "-1"],
+                            "--style-weight must be in [0, 1e+30]"),
+        "bad layer": ([str(content), str(style), "-o", str(out), "--style-layers", "conv9_9"],
+                      "unknown style layer 'conv9_9'"),
+        "blend count": ([str(content), str(style), "-o", str(out), "--style-blend-weights", "1", "2"],
+                        "one value per style image"),
+        "bad choice": ([str(content), str(style), "-o", str(out), "--optimizer", "sgd"], "invalid choice"),
+        "not a number": ([str(content), str(style), "-o", str(out), "--lr", "fast"], "invalid float value"),
+        "no output": ([str(content), str(style)], "required: -o/--output"),
+        "no cuda": ([str(content), str(style), "-o", str(out), "--device", "cuda:7"], "--device cuda:7"),
+        "bad weights": ([str(content), str(style), "-o", str(out), "--weights", str(text)], "not a PyTorch"),
+        "too small": ([str(content), str(style), "-o", str(out), "--size", "16"], "at least 16 px"),
+    }
+
+
+def test_each_bad_input_is_one_line_exit_2_and_no_output(tmp_path, content_path, style_path, capsys):
+    for name, (args, message) in _bad_inputs(tmp_path, content_path, style_path).items():
+        # --weights random first: a case's own --weights comes later and wins.
+        code = main(["stylize", "--weights", "random", "--iterations", "2", "--quiet", *args])
+        err = capsys.readouterr().err
+        assert code == 2, (name, err)
+        assert err.count("\n") == 1 and message in err and err.startswith("fastnst: error: "), (name, err)
+        assert os.listdir(tmp_path / "out") == [], name
+
+
+def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path, style_path):
+    done = _run("stylize", tmp_path / "missing.png", style_path, "-o", tmp_path / "o.png", *FAST)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "no such file" in done.stderr
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_ctrl_c_saves_the_current_image_and_exits_130(tmp_path, content_path, style_path):
+    out = tmp_path / "out.png"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fastnst", "stylize", str(content_path), str(style_path), "-o", str(out),
+         "--weights", "random", "--size", "64", "--iterations", "100000", "--save-every", "1", "--quiet"],
+        stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not any(name.startswith("out_") for name in os.listdir(tmp_path)):
+        assert process.poll() is None and time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "interrupted after" in err and "Traceback" not in err
+    with Image.open(out) as image:
+        assert image.size == (64, 48)
+
+
+def test_info_lists_versions_devices_and_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for needle in ("fastnst 0.", "torch ", "torchvision ", "devices:", "cpu:", "backends:",
+                   "torch (reference kernels): usable", "triton", "vgg19-dcbb9e9d.pth"):
+        assert needle in out
+
+
+def test_every_config_field_is_a_flag_with_its_default(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside "(default: 512)"
+    parser = build_parser()
+    args = parser.parse_args(["stylize", "c.png", "s.png", "-o", "o.png"])
+    defaults = StyleConfig()
+    for name, value in vars(defaults).items():
+        assert getattr(args, name) == value, name
+    help_text = parser._subparsers._group_actions[0].choices["stylize"].format_help()
+    for flag in ("--size", "--iterations", "--optimizer", "--lr", "--content-weight", "--style-weight",
+                 "--tv-weight", "--style-blend-weights", "--style-scale", "--content-layers",
+                 "--style-layers", "--pooling", "--init", "--seed", "--weights", "--device",
+                 "--save-every", "--quiet", "(default: 512)"):
+        assert flag in help_text
+
+
+def test_checkpoint_names():
+    assert checkpoint_path(Path("a/out.png"), 7, 500) == Path("a/out_007.png")
+    assert checkpoint_path(Path("x.jpg"), 12, 12) == Path("x_12.jpg")
+
+
+def test_console_script_entry_point_is_declared():
+    text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert 'fastnst = "fastnst.cli:main"' in text
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["stylize", "--help"]])
+def test_version_and_help_exit_zero(argv, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 0
+
+
+def test_readme_documents_every_flag():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for f in dataclasses.fields(StyleConfig):
+        assert f"`{flag_name(f.name)}" in readme, flag_name(f.name)
+    assert 'pip install -e ".[test]" && pytest' in readme

@@ -1,0 +1,71 @@
+"""The run loop: both optimisers make progress, runs are reproducible, failures are caught."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastnst import render
+from fastnst.engine import initial_image, make_step, optimise
+from fastnst.errors import NonFiniteLossError
+from fastnst.optim import Adam
+
+
+@pytest.mark.parametrize("optimizer", ["lbfgs", "adam"])
+def test_both_optimisers_lower_the_loss_substantially(optimizer, content_path, style_path, small_config):
+    result = render(content_path, style_path, small_config, optimizer=optimizer)
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert result.iterations == 20 and len(result.losses) == 20  # read every iteration on the CPU
+    assert last < 0.5 * first, (first, last)
+    assert result.image.shape == (1, 3, 48, 64)
+    assert 0.0 <= result.image.min().item() and result.image.max().item() <= 1.0
+
+
+def test_same_seed_same_image_other_seed_other_image(content_path, style_path, small_config):
+    config = small_config.replace(iterations=5)
+    a = render(content_path, style_path, config).image
+    b = render(content_path, style_path, config).image
+    c = render(content_path, style_path, config, seed=1).image
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_initial_images():
+    content = torch.rand(1, 3, 20, 30)
+    style = torch.rand(1, 3, 40, 40)
+    assert torch.equal(initial_image("content", content, style, 0), content)
+    resized = initial_image("style", content, style, 0)
+    assert resized.shape == content.shape
+    noise = initial_image("noise", content, style, 3)
+    assert torch.equal(noise, initial_image("noise", content, style, 3))
+    assert 0.4 < noise.mean().item() < 0.6 and noise.std().item() > 0.05
+
+
+def test_non_finite_loss_stops_with_the_last_finite_image():
+    image = torch.full((1, 3, 4, 4), 0.25, requires_grad=True)
+    calls = []
+
+    def objective(x):
+        calls.append(1)
+        value = (x - 1).square().sum()
+        return value if len(calls) < 4 else value * float("nan")
+
+    step = make_step(objective, Adam(image, lr=0.1))
+    with pytest.raises(NonFiniteLossError) as error:
+        optimise(step, image, 10, progress=False)
+    assert "iteration 4" in str(error.value) and "--lr" in str(error.value)
+    assert error.value.last_iteration == 2  # the image that the third (finite) loss was taken at
+    assert torch.isfinite(error.value.last_image).all()
+
+
+def test_should_stop_interrupts_and_checkpoints_are_taken():
+    image = torch.zeros((1, 3, 4, 4), requires_grad=True)
+    step = make_step(lambda x: (x - 0.5).square().sum(), Adam(image, lr=0.01))
+    saved = []
+    calls = iter(range(100))
+    result = optimise(step, image, 50, progress=False, checkpoint=lambda i, img: saved.append(i),
+                      checkpoint_every=2, should_stop=lambda: next(calls) >= 7)
+    assert result.interrupted and result.iterations == 7
+    assert saved == [2, 4, 6]
+    # Adam moves about lr per step while the gradient keeps its sign: 7 steps of 0.01.
+    assert result.image.mean().item() == pytest.approx(0.07, abs=0.005)
