@@ -48,3 +48,15 @@ def random_image(path: Path, size=(64, 48), seed=0, mode="RGB") -> Path:
     pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels, mode="RGB").convert(mode).save(path)
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA; without it they are reported as skipped, never as passed."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
