@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
+from . import kernels
 from .config import RANDOM_WEIGHTS_SEED, StyleConfig
 from .devices import resolve_device
 from .engine import RunResult, initial_image, make_step, optimise
@@ -46,6 +47,7 @@ def render(content, styles, config: StyleConfig | None = None, *,
         raise ConfigError("at least one style image is needed")
     config.validate(n_styles=len(styles))
     device = resolve_device(config.device)
+    kernels.resolve(device, config.backend)  # an unusable --backend fails before any work
 
     layers = feature_layers(config)
     content_image = resized(load_image(content), config.size)

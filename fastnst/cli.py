@@ -155,6 +155,7 @@ def _info(args: argparse.Namespace) -> int:
     import torchvision
 
     from .devices import describe_devices
+    from .kernels import backend
     from .vgg import imagenet_cache_path
 
     try:
@@ -164,7 +165,7 @@ def _info(args: argparse.Namespace) -> int:
     except Exception:  # not installed, or broken: either way not usable
         triton_version = None
     cuda = torch.cuda.is_available()
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    device = torch.device("cuda" if cuda else "cpu")
     lines = [
         f"fastnst {__version__}",
         f"python {platform.python_version()} ({sys.executable})",
@@ -177,7 +178,8 @@ def _info(args: argparse.Namespace) -> int:
         *(f"  {line}" for line in describe_devices()),
         "backends:",
         "  torch (reference kernels): usable",
-        f"  triton: {_triton_status(triton_version, cuda, interpret)}",
+        f"  triton: {_triton_status(triton_version, device)}",
+        f"  in force: {_backend_in_force(backend, device)}",
         f"imagenet weights: {imagenet_cache_path()} "
         f"({'cached' if imagenet_cache_path().is_file() else 'not cached; downloaded on first use'})",
     ]
@@ -185,14 +187,24 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _triton_status(version: str | None, cuda: bool, interpret: bool) -> str:
+def _triton_status(version: str | None, device) -> str:
+    from .kernels import backend
+
     if version is None:
         return "not usable (triton is not installed)"
-    if cuda:
+    if backend.interpreting():
+        return "usable through the interpreter (TRITON_INTERPRET=1: CPU tensors, slow)"
+    if backend.triton_runs_on(device):
         return "usable (CUDA)"
-    if interpret:
-        return "usable through the interpreter (TRITON_INTERPRET=1, CPU, slow)"
     return "not usable (no CUDA device; TRITON_INTERPRET=1 runs kernels on the CPU)"
+
+
+def _backend_in_force(backend, device) -> str:
+    try:
+        chosen = backend.get_backend()
+        return f"{chosen} -> {backend.resolve(device)} on {device}"
+    except FastNSTError as exc:
+        return f"none ({exc})"
 
 
 def _say(message: str) -> None:

@@ -93,6 +93,8 @@ class StyleConfig:
                        minimum=0, maximum=2**63 - 1)
     weights: str = option("imagenet", "VGG19 weights: imagenet (torchvision, cached), random "
                           "(seeded, for tests and benchmarks) or a state-dict file", metavar="imagenet|random|PATH")
+    backend: str | None = option(None, "kernel backend: auto (Triton on CUDA, PyTorch elsewhere), torch "
+                                 "or triton (default: $FASTNST_BACKEND, else auto)", choices=("auto", "torch", "triton"))
     device: str = option("auto", "where to run: auto (CUDA if present), cpu, cuda or cuda:N", metavar="DEVICE")
     save_every: int = option(0, "also save the image every N iterations as OUT_<iteration>.<ext> "
                              "(0 = off)", metavar="N", minimum=0, maximum=10_000_000)
@@ -169,7 +171,7 @@ def _check_count(flag: str, values: tuple | None, expected: int, what: str) -> N
 
 def _check_field(f: dataclasses.Field, value: Any) -> None:
     meta, flag = f.metadata, flag_name(f.name)
-    if meta.get("choices") and value not in meta["choices"]:
+    if meta.get("choices") and value is not None and value not in meta["choices"]:
         raise ConfigError(f"{flag} must be one of {', '.join(meta['choices'])}, not '{value}'")
     values = value if meta.get("many") and value is not None else (value,)
     for item in values:

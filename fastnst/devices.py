@@ -38,3 +38,39 @@ def describe_devices() -> list[str]:
     else:
         lines.append("cuda: not available")
     return lines
+
+
+def run_metadata() -> dict:
+    """Where and with what a measurement was taken: device, versions, date, commit."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+
+    from . import __version__
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # not installed or broken
+        triton_version = None
+    commit = os.environ.get("FASTNST_COMMIT")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
+        "driver_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "fastnst": __version__,
+        "commit": commit or "unknown",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

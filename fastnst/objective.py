@@ -52,6 +52,8 @@ class StyleObjective:
             raise ValueError("at least one style image is needed")
         layers = network.layers
         self.network = network
+        # The kernels (Triton or the PyTorch twins) are chosen once, for the content's device.
+        self.ops = kernels.ops(content.device, config.backend)
         self.content_layers = tuple(config.content_layers)
         self.style_layers = tuple(config.style_layers)
         self.content_slots = tuple(layers.index(name) for name in self.content_layers)
@@ -83,7 +85,7 @@ class StyleObjective:
             features = self.network(style)
             for i, slot in enumerate(self.style_slots):
                 f = features[slot]
-                term = kernels.gram(f)[0] * ((share / total) * out_positions[i] / f[0, 0].numel())
+                term = self.ops.gram(f)[0] * ((share / total) * out_positions[i] / f[0, 0].numel())
                 targets[i] = term if targets[i] is None else targets[i] + term
             del features
         return tuple(targets)  # type: ignore[arg-type]
@@ -93,10 +95,10 @@ class StyleObjective:
         features = self.network(image)
         for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
                                          self.content_layer_weights):
-            yield f"content:{name}", kernels.content_loss(features[slot], target), self.alpha * v
+            yield f"content:{name}", self.ops.content_loss(features[slot], target), self.alpha * v
         for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
                                          self.style_layer_weights):
-            yield f"style:{name}", kernels.style_loss(features[slot], target), self.beta * w
+            yield f"style:{name}", self.ops.style_loss(features[slot], target), self.beta * w
         if self.tv_weight:
             yield "tv", total_variation(image), self.tv_weight
 

@@ -158,3 +158,19 @@ def test_readme_documents_every_flag():
     for f in dataclasses.fields(StyleConfig):
         assert f"`{flag_name(f.name)}" in readme, flag_name(f.name)
     assert 'pip install -e ".[test]" && pytest' in readme
+
+
+def test_backend_flag_runs_the_triton_kernels(tmp_path, content_path, style_path):
+    import torch
+
+    out = tmp_path / "triton.png"
+    env = {} if torch.cuda.is_available() else {"TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-m", "fastnst", "stylize", str(content_path), str(style_path),
+                           "-o", str(out), "--weights", "random", "--size", "32", "--iterations", "2",
+                           "--backend", "triton"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stderr
+    assert out.exists()
+    refused = _run("stylize", content_path, style_path, "-o", tmp_path / "x.png", "--weights", "random",
+                   "--backend", "gpu")
+    assert refused.returncode == 2 and "--backend" in refused.stderr

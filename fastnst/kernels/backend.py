@@ -1,0 +1,98 @@
+"""Which implementation of the kernels runs: ``auto``, ``torch`` or ``triton``.
+
+``auto`` picks Triton for CUDA tensors and the pure-PyTorch twins elsewhere, quietly. An explicit
+``triton`` that cannot run (no Triton, or no CUDA device without TRITON_INTERPRET=1) is an error
+with a clear message.  The choice comes from ``set_backend``, else the FASTNST_BACKEND variable,
+else ``auto``; a StyleConfig's ``backend`` overrides both for one run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import SimpleNamespace
+
+import torch
+
+from ..errors import ConfigError
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "FASTNST_BACKEND"
+
+_chosen: str | None = None  # set_backend's choice; None defers to the environment
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"{source} must be one of {', '.join(BACKENDS)}, not '{name}'")
+    return name
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # older Triton without knobs: read the variable it reads
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def set_backend(name: str) -> None:
+    """Choose the kernel backend for this process: auto, torch or triton."""
+    global _chosen
+    _check_name(name, "backend")
+    if name == "triton" and not triton_installed():
+        raise ConfigError("the triton backend needs the triton package (pip install triton)")
+    _chosen = name
+
+
+def get_backend() -> str:
+    """The backend in force: set_backend's choice, else $FASTNST_BACKEND, else auto."""
+    if _chosen is not None:
+        return _chosen
+    return _check_name(os.environ.get(ENV_VAR, "auto") or "auto", ENV_VAR)
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    if not triton_installed():
+        return False
+    if interpreting():
+        return device.type == "cpu"  # the interpreter works on host memory
+    return device.type == "cuda"
+
+
+def resolve(device: torch.device | str, backend: str | None = None) -> str:
+    """The concrete backend ('torch' or 'triton') for tensors on ``device``."""
+    device = torch.device(device)
+    name = _check_name(backend, "--backend") if backend is not None else get_backend()
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_runs_on(device) else "torch"
+    if not triton_runs_on(device):
+        if not triton_installed():
+            raise ConfigError("the triton backend needs the triton package; use --backend torch")
+        raise ConfigError(f"the triton backend cannot run on {device}: it needs a CUDA device "
+                          f"(or TRITON_INTERPRET=1 to run kernels on the CPU, slowly); "
+                          f"use --backend auto or torch")
+    return "triton"
+
+
+def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespace:
+    """The gram / style_loss / content_loss functions of the backend resolved for ``device``."""
+    name = resolve(device, backend)
+    if name == "torch":
+        from . import reference
+
+        return SimpleNamespace(name=name, gram=reference.gram, style_loss=reference.style_loss,
+                               content_loss=reference.content_loss)
+    from .triton_content_loss import content_loss
+    from .triton_gram import gram
+    from .triton_style_loss import style_loss
+
+    return SimpleNamespace(name=name, gram=gram, style_loss=style_loss, content_loss=content_loss)

@@ -1,0 +1,307 @@
+"""Triton Gram matrix G = F F^T as a symmetric rank-k update, and the product D F its gradients need.
+
+Features F are read as (B, C, M) in their stored layout: element (b, c, m) lives at
+b*stride_b + c*stride_c + m*stride_m, which covers contiguous NCHW (stride_m = 1) and
+channels_last (stride_c = 1, stride_m = C) without a copy.
+
+``_gram_kernel`` computes only the output tiles on or above the diagonal (half the FLOPs of a
+matmul) and writes each one twice, directly and mirrored.  When C is small (conv1_1: C = 64, one
+tile) the long M axis is split over programs so the GPU fills up: each program adds its partial
+tile into a zeroed fp32 workspace with atomics and bumps a per-tile counter; the last program to
+arrive owns the finished tile and runs the epilogue.  The epilogue writes G, or, for the style
+loss, D = G - A and the tile's share of sum (G - A)^2, so the loss needs no second pass over G.
+With atomics the summation order varies between runs (results agree to fp32 rounding).
+
+``_gram_backward_kernel`` computes scale * D F (the Gram's and the style loss's gradient with
+respect to F) and writes it in the layout of the gradient tensor.
+
+Block sizes are reasoned, not yet tuned on a GPU: 64-wide channel tiles match conv1_1 (C = 64)
+exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step keep each load a
+64x64 tile (8 KiB in bf16).  ``benchmarks/bench_kernels.py`` is where tuning should start.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_C = 64  # channel tile (rows and columns of an output tile)
+BLOCK_K = 64  # positions reduced per inner step
+BLOCK_M = 64  # positions per program in the backward product
+BACKWARD_BLOCK_K = 32  # channels reduced per inner step of the backward product
+# Split M until there are about this many programs per streaming multiprocessor.
+PROGRAMS_PER_SM = 4
+# The interpreter has no SM count; a fixed small split still exercises the split path.
+INTERPRETER_PROGRAMS = 8
+
+
+@triton.jit
+def _gram_epilogue(g, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stride_tc, stride_tr,
+                   loss_scale, BLOCK: tl.constexpr, STYLE: tl.constexpr):
+    """Write the finished tile g = G[i-block, j-block] (and its mirror); for STYLE, D and the loss."""
+    r = tl.arange(0, BLOCK)
+    rows = i * BLOCK + r  # channel index of each tile row
+    cols = j * BLOCK + r  # channel index of each tile column
+    inside = (rows[:, None] < C) & (cols[None, :] < C)
+    # On the diagonal tile the direct store takes the upper half (with the diagonal) and the
+    # mirror the strict lower half, so every element is written once and G is exactly symmetric.
+    direct = inside & ((i != j) | (r[:, None] <= r[None, :]))
+    mirror = inside & ((i != j) | (r[:, None] < r[None, :]))
+    out_base = out_ptr + b.to(tl.int64) * C * C
+    direct_off = rows[:, None] * C + cols[None, :]  # G[row, col]
+    mirror_off = cols[None, :] * C + rows[:, None]  # G[col, row], same tile positions
+    if STYLE:
+        t_base = target_ptr + b.to(tl.int64) * stride_tb
+        a = tl.load(t_base + rows[:, None] * stride_tc + cols[None, :] * stride_tr, mask=direct, other=0.0)
+        a_mirror = tl.load(t_base + cols[None, :] * stride_tc + rows[:, None] * stride_tr, mask=mirror, other=0.0)
+        d = tl.where(direct, g - a, 0.0)
+        d_mirror = tl.where(mirror, g - a_mirror, 0.0)
+        tl.store(out_base + direct_off, d, mask=direct)
+        tl.store(out_base + mirror_off, d_mirror, mask=mirror)
+        partial = tl.sum(tl.sum(d * d + d_mirror * d_mirror, axis=1), axis=0)
+        tl.atomic_add(loss_ptr, partial * loss_scale)
+    else:
+        tl.store(out_base + direct_off, g, mask=direct)
+        tl.store(out_base + mirror_off, g, mask=mirror)
+
+
+@triton.jit
+def _gram_kernel(
+    x_ptr,  # features F, (B, C, M) at the strides below; fp32, bf16 or fp16
+    target_ptr,  # STYLE: target Gram A (fp32), batch stride 0 when shared; else unused
+    out_ptr,  # (B, C, C) fp32 contiguous: G, or D = G - A for STYLE
+    ws_ptr,  # SPLIT: (B, C, C) fp32 zeroed workspace for partial tiles; else unused
+    counter_ptr,  # SPLIT: (B, T, T) int32 zeroed arrival counters; else unused
+    loss_ptr,  # STYLE: one fp32, zeroed; receives sum over tiles of loss_scale * sum D^2
+    C, M,  # channels, positions
+    stride_xb, stride_xc, stride_xm,  # strides of F in elements
+    stride_tb, stride_tc, stride_tr,  # strides of A in elements
+    tiles,  # T = cdiv(C, BLOCK_C): tiles per side
+    chunk,  # positions per split program, a multiple of BLOCK_K
+    n_split,  # programs sharing one tile (grid axis 1)
+    loss_scale,  # weight / (4 C^2 M^2)
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    STYLE: tl.constexpr,  # epilogue: False writes G, True writes D and the loss
+    SPLIT: tl.constexpr,  # n_split > 1: accumulate through the workspace
+    DOT_FP32: tl.constexpr,  # multiply in fp32 (fp32 inputs, and the interpreter)
+):
+    tile = tl.program_id(0)
+    part = tl.program_id(1)
+    b = tl.program_id(2)
+    i = tile // tiles
+    j = tile % tiles
+    if i <= j:  # lower-triangle programs have nothing to do: their tile is a mirror
+        r = tl.arange(0, BLOCK_C)
+        rows = (i * BLOCK_C + r).to(tl.int64)
+        cols = (j * BLOCK_C + r).to(tl.int64)
+        x_base = x_ptr + b.to(tl.int64) * stride_xb
+        acc = tl.zeros((BLOCK_C, BLOCK_C), dtype=tl.float32)
+        start = part * chunk
+        end = tl.minimum(start + chunk, M)
+        for k0 in range(start, end, BLOCK_K):
+            k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+            in_k = k[None, :] < end
+            a = tl.load(x_base + rows[:, None] * stride_xc + k[None, :] * stride_xm,
+                        mask=(rows[:, None] < C) & in_k, other=0.0)
+            bt = tl.load(x_base + cols[:, None] * stride_xc + k[None, :] * stride_xm,
+                         mask=(cols[:, None] < C) & in_k, other=0.0)
+            if DOT_FP32:
+                acc += tl.dot(a.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(bt))
+        if SPLIT:
+            r32 = tl.arange(0, BLOCK_C)
+            tile_rows = i * BLOCK_C + r32
+            tile_cols = j * BLOCK_C + r32
+            inside = (tile_rows[:, None] < C) & (tile_cols[None, :] < C)
+            ws_tile = ws_ptr + b.to(tl.int64) * C * C + tile_rows[:, None] * C + tile_cols[None, :]
+            tl.atomic_add(ws_tile, acc, mask=inside, sem="relaxed")
+            # Every thread's partial sums must be issued before the counter says "done".
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counter_ptr + (b * tiles + i) * tiles + j, 1, sem="acq_rel")
+            if arrived == n_split - 1:  # the last program owns the finished tile
+                total = tl.load(ws_tile, mask=inside, other=0.0, cache_modifier=".cg")
+                _gram_epilogue(total, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stride_tc,
+                               stride_tr, loss_scale, BLOCK_C, STYLE)
+        else:
+            _gram_epilogue(acc, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stride_tc,
+                           stride_tr, loss_scale, BLOCK_C, STYLE)
+
+
+@triton.jit
+def _gram_backward_kernel(
+    d_ptr,  # D, (B, C, C) fp32 contiguous (symmetric)
+    x_ptr,  # F, (B, C, M) at its strides
+    grad_ptr,  # output, (B, C, M) at its strides, in its own dtype
+    scale_ptr,  # HAS_SCALE_PTR: a device fp32 scalar multiplying the result (autograd's grad_out)
+    scale,  # a host float multiplying the result
+    C, M,
+    stride_xb, stride_xc, stride_xm,
+    stride_gb, stride_gc, stride_gm,
+    BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """grad[b, c, m] = scale * (*scale_ptr) * sum_k D[b, c, k] F[b, k, m]."""
+    pc = tl.program_id(0)
+    pm = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    rows = (pc * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    cols = (pm * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    d_base = d_ptr + b * C * C
+    x_base = x_ptr + b * stride_xb
+    acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        d = tl.load(d_base + rows[:, None] * C + k[None, :], mask=(rows[:, None] < C) & (k[None, :] < C),
+                    other=0.0)
+        f = tl.load(x_base + k[:, None] * stride_xc + cols[None, :] * stride_xm,
+                    mask=(k[:, None] < C) & (cols[None, :] < M), other=0.0)
+        if DOT_FP32:
+            acc += tl.dot(d, f.to(tl.float32), input_precision="ieee")
+        else:
+            # bf16: D rounded to bf16 (same exponent range as fp32), products accumulated in fp32.
+            acc += tl.dot(d.to(f.dtype), f)
+    acc = acc * scale
+    if HAS_SCALE_PTR:
+        acc = acc * tl.load(scale_ptr)
+    g_base = grad_ptr + b * stride_gb
+    tl.store(g_base + rows[:, None] * stride_gc + cols[None, :] * stride_gm,
+             acc.to(grad_ptr.dtype.element_ty), mask=(rows[:, None] < C) & (cols[None, :] < M))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+
+
+def as_bcm(x: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int]]:
+    """View features as (B, C, M) strides without copying when the layout allows it.
+
+    (B, C, H, W) merges H and W when stride_h == W * stride_w, true for contiguous NCHW and for
+    channels_last; any other layout is copied to contiguous (documented fallback).
+    Returns (tensor, C, M, (stride_b, stride_c, stride_m)).
+    """
+    if x.dim() == 4:
+        _, channels, height, width = x.shape
+        if height > 1 and width > 1 and x.stride(2) != width * x.stride(3):
+            x = x.contiguous()
+        stride_m = x.stride(3) if width > 1 else x.stride(2)
+        return x, channels, height * width, (x.stride(0), x.stride(1), stride_m)
+    if x.dim() == 3:
+        return x, x.shape[1], x.shape[2], (x.stride(0), x.stride(1), x.stride(2))
+    raise ValueError(f"features must have shape (B, C, H, W) or (B, C, M), not {tuple(x.shape)}")
+
+
+def _use_fp32_dot(x: torch.Tensor, backward: bool = False) -> bool:
+    """Whether products are formed in fp32 rather than on 16-bit tensor cores.
+
+    fp32 inputs: always.  fp16 in the backward product: D = G - A is of order M * F^2 and would
+    overflow fp16's 65504, so it stays fp32 (bf16 has fp32's exponent range and is fine).
+    Under the interpreter: always, because its bf16/fp16 dot is wrong (numpy has no bf16 matmul).
+    """
+    from .backend import interpreting
+
+    return (x.dtype == torch.float32 or (backward and x.dtype == torch.float16) or interpreting())
+
+
+def _split_for(x: torch.Tensor, tiles_total: int, positions: int) -> int:
+    """How many programs share a tile: enough to give every SM a few programs."""
+    from .backend import interpreting
+
+    if interpreting() or x.device.type != "cuda":
+        target = INTERPRETER_PROGRAMS
+    else:
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+    steps = triton.cdiv(positions, BLOCK_K)
+    return max(1, min(steps, triton.cdiv(target, tiles_total)))
+
+
+def new_output(shape, dtype, device) -> torch.Tensor:
+    """Uninitialised output; tests replace this with a NaN-filled allocation to catch gaps."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_like(x: torch.Tensor) -> torch.Tensor:
+    """Uninitialised tensor like x (same layout when x is dense); tests poison it with NaN."""
+    return torch.empty_like(x)
+
+
+def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale: float = 0.0,
+                split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """G (target None) or D = G - A and the loss (target given), both fp32.
+
+    Returns (out, loss) with out (B, C, C) and loss a 0-d tensor (None without a target).
+    ``split`` forces the number of programs per tile (tests); None picks it from the device.
+    """
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"gram supports fp32, bf16 and fp16 features, not {x.dtype}")
+    x, channels, positions, (sxb, sxc, sxm) = as_bcm(x)
+    batch = x.shape[0]
+    tiles = triton.cdiv(channels, BLOCK_C)
+    n_tile_programs = tiles * (tiles + 1) // 2 * batch
+    n_split = split or _split_for(x, n_tile_programs, positions)
+    chunk = max(1, triton.cdiv(triton.cdiv(positions, n_split), BLOCK_K)) * BLOCK_K
+    n_split = max(1, triton.cdiv(positions, chunk))  # no empty programs
+    out = new_output((batch, channels, channels), torch.float32, x.device)
+    # One zeroed allocation holds the loss, the arrival counters and (when split) the workspace.
+    n_counters = batch * tiles * tiles if n_split > 1 else 0
+    n_ws = batch * channels * channels if n_split > 1 else 0
+    scratch = torch.zeros(1 + n_counters + n_ws, dtype=torch.float32, device=x.device)
+    loss = scratch[0]
+    counters = scratch[1 : 1 + n_counters].view(torch.int32) if n_split > 1 else scratch
+    workspace = scratch[1 + n_counters :] if n_split > 1 else scratch
+    style = target is not None
+    if style:
+        if tuple(target.shape) not in ((channels, channels), (batch, channels, channels)):
+            raise ValueError(f"target Gram must be ({channels}, {channels}) or ({batch}, {channels}, "
+                             f"{channels}), not {tuple(target.shape)}")
+        target = target.float().expand(batch, channels, channels)  # shared A: batch stride 0
+        stb, stc, str_ = target.stride()
+    else:
+        target, stb, stc, str_ = out, 0, 0, 0  # unused by the kernel
+    grid = (tiles * tiles, n_split, batch)
+    _gram_kernel[grid](
+        x, target, out, workspace, counters, loss, channels, positions, sxb, sxc, sxm, stb, stc, str_,
+        tiles, chunk, n_split, float(loss_scale),
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, STYLE=style, SPLIT=n_split > 1,
+        DOT_FP32=_use_fp32_dot(x), num_warps=4, num_stages=3)
+    return out, (loss if style else None)
+
+
+def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
+                         scale_tensor: torch.Tensor | None = None) -> torch.Tensor:
+    """scale * scale_tensor * D F, shaped and laid out like x, in x's dtype."""
+    xv, channels, positions, (sxb, sxc, sxm) = as_bcm(x)
+    grad = new_like(xv)  # xv's layout merges H and W, and empty_like keeps it
+    _, _, _, (sgb, sgc, sgm) = as_bcm(grad)
+    if positions == 0:
+        return grad.zero_()
+    d = d.float().contiguous()
+    grid = (triton.cdiv(channels, BLOCK_C), triton.cdiv(positions, BLOCK_M), x.shape[0])
+    _gram_backward_kernel[grid](
+        d, xv, grad, scale_tensor if scale_tensor is not None else d, float(scale), channels, positions,
+        sxb, sxc, sxm, sgb, sgc, sgm, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_K=BACKWARD_BLOCK_K,
+        HAS_SCALE_PTR=scale_tensor is not None, DOT_FP32=_use_fp32_dot(x, backward=True), num_warps=4,
+        num_stages=3)
+    return grad
+
+
+class Gram(torch.autograd.Function):
+    """G = F F^T with the Triton kernels; backward is (grad_G + grad_G^T) F."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out, _ = launch_gram(x)
+        ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        symmetric = grad_out + grad_out.transpose(1, 2)
+        return launch_gram_backward(symmetric, x)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, C) fp32 Gram matrices of (B, C, H, W) or (B, C, M) features, computed by Triton."""
+    return Gram.apply(x)
