@@ -6,6 +6,7 @@ handle interruption); ``stylize`` is the one-call convenience that returns a PIL
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,11 +15,11 @@ from PIL import Image
 from . import kernels
 from .config import RANDOM_WEIGHTS_SEED, StyleConfig
 from .devices import resolve_device
-from .engine import RunResult, initial_image, make_step, optimise
-from .errors import ConfigError, RunError
+from .engine import RunResult, optimise, prepare
+from .errors import ConfigError, NonFiniteLossError, RunError
 from .images import image_to_tensor, load_image, resized, tensor_to_image
-from .objective import StyleObjective, feature_layers
-from .optim import make_optimizer
+from .objective import feature_layers
+from .precision import resolve_precision
 from .vgg import VGGFeatures, layer_stride, load_weights
 
 
@@ -47,7 +48,8 @@ def render(content, styles, config: StyleConfig | None = None, *,
         raise ConfigError("at least one style image is needed")
     config.validate(n_styles=len(styles))
     device = resolve_device(config.device)
-    kernels.resolve(device, config.backend)  # an unusable --backend fails before any work
+    backend = kernels.resolve(device, config.backend)  # an unusable --backend fails before any work
+    precision = resolve_precision(config.precision, device)
 
     layers = feature_layers(config)
     content_image = resized(load_image(content), config.size)
@@ -58,20 +60,49 @@ def render(content, styles, config: StyleConfig | None = None, *,
         _check_fits(image, layers, "style image")
 
     weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
+    graphed = device.type == "cuda" and config.cuda_graph
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # shapes never change within a run
+        torch.cuda.reset_peak_memory_stats(device)
     try:
-        network = VGGFeatures(layers, weights, pooling=config.pooling).to(device)
-        content_t = image_to_tensor(content_image).to(device)
-        style_ts = [image_to_tensor(image).to(device) for image in style_images]
-        objective = StyleObjective(network, content_t, style_ts, config)
-        image = initial_image(config.init, content_t, style_ts[0], config.seed).requires_grad_(True)
-        optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history)
-        step = make_step(objective, optimizer)
-        return optimise(step, image, config.iterations, report_every=config.report_every,
-                        progress=not config.quiet, checkpoint=checkpoint,
-                        checkpoint_every=config.save_every, should_stop=should_stop)
+        result = _optimise(content_image, style_images, weights, config, device, precision, graphed,
+                           checkpoint, should_stop)
     except torch.cuda.OutOfMemoryError:
         raise RunError(f"out of memory on {device} at --size {config.size}; use a smaller --size "
                        f"or --lbfgs-history, or --optimizer adam") from None
+    except NonFiniteLossError as exc:
+        if precision == "fp16":
+            exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
+                        f"try --precision bf16 or fp32",)
+        raise
+    return dataclasses.replace(result, device=str(device), precision=precision, backend=backend,
+                               cuda_graph=graphed,
+                               peak_memory_bytes=peak_memory_bytes(device))
+
+
+def _optimise(content_image, style_images, weights, config, device, precision, graphed, checkpoint,
+              should_stop) -> RunResult:
+    """Build the network and the run on ``device``, then optimise."""
+    network = VGGFeatures(feature_layers(config), weights, pooling=config.pooling).to(device)
+    content = image_to_tensor(content_image).to(device)
+    styles = [image_to_tensor(image).to(device) for image in style_images]
+    run = prepare(network, content, styles, config, precision, graphed)
+    del content, styles
+    result = optimise(run.step, run.image, config.iterations, report_every=config.report_every,
+                      progress=not config.quiet, checkpoint=checkpoint,
+                      checkpoint_every=config.save_every, should_stop=should_stop)
+    if run.scaler is not None:
+        result.skipped_steps = int(run.scaler.skipped.item())
+    return result
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of the run: allocated CUDA memory, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def stylize(content, styles, config: StyleConfig | None = None, **overrides) -> Image.Image:

@@ -46,13 +46,19 @@ def _help(f: dataclasses.Field, default) -> str:
     return f"{text} (default: {shown})"
 
 
+def config_flag(f: dataclasses.Field) -> str:
+    """The flag of a StyleConfig field; a switch that is on by default is offered as --no-<name>."""
+    flag = flag_name(f.name)
+    return "--no-" + flag[2:] if f.default is True else flag
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults: StyleConfig) -> None:
     """One flag per StyleConfig field, named after it (``style_weight`` -> ``--style-weight``)."""
     for f in dataclasses.fields(StyleConfig):
         default, meta = getattr(defaults, f.name), f.metadata
         kwargs: dict = dict(dest=f.name, default=default, help=_help(f, default))
         if isinstance(default, bool):
-            kwargs["action"] = "store_true"
+            kwargs["action"] = "store_false" if f.default is True else "store_true"
         else:
             kwargs["type"] = _type_of(f)
             kwargs["metavar"] = meta.get("metavar")
@@ -61,7 +67,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults: StyleConfig) -> 
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
                 kwargs.pop("metavar")
-        parser.add_argument(flag_name(f.name), **kwargs)
+        parser.add_argument(config_flag(f), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +150,12 @@ def _stylize(args: argparse.Namespace) -> int:
         per_iteration = result.seconds / max(result.iterations, 1)
         _say(f"wrote {output} ({width}x{height}, {result.iterations} iterations, loss {result.loss:.6g}, "
              f"{result.seconds:.1f} s, {per_iteration:.3f} s/iter)")
+    if config.verbose:
+        memory = f"{result.peak_memory_bytes / 2**20:.0f} MiB" if result.peak_memory_bytes else "unknown"
+        source = "CUDA max allocated" if result.device.startswith("cuda") else "process peak resident set"
+        _say(f"device {result.device}, precision {result.precision}, kernels {result.backend}, CUDA graph "
+             f"{'on' if result.cuda_graph else 'off'}, skipped fp16 steps {result.skipped_steps}, "
+             f"peak memory {memory} ({source})")
     return 0
 
 
@@ -180,11 +192,21 @@ def _info(args: argparse.Namespace) -> int:
         "  torch (reference kernels): usable",
         f"  triton: {_triton_status(triton_version, device)}",
         f"  in force: {_backend_in_force(backend, device)}",
+        _lbfgs_cost_line(),
         f"imagenet weights: {imagenet_cache_path()} "
         f"({'cached' if imagenet_cache_path().is_file() else 'not cached; downloaded on first use'})",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _lbfgs_cost_line() -> str:
+    from .optim import lbfgs_state_bytes
+
+    history = StyleConfig().lbfgs_history
+    costs = ", ".join(f"{lbfgs_state_bytes(history, size * size) / 2**20:.0f} MiB at {size} px"
+                      for size in (512, 1024, 2048))
+    return f"L-BFGS state (--lbfgs-history {history}, square images): {costs}"
 
 
 def _triton_status(version: str | None, device) -> str:

@@ -26,6 +26,8 @@ from .errors import ConfigError
 OPTIMIZERS = ("lbfgs", "adam")
 POOLINGS = ("max", "avg")
 INITS = ("noise", "content", "style")
+BACKENDS = ("auto", "torch", "triton")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 # Step size used when --lr is not given.  L-BFGS: the unit step of a quasi-Newton method
 # (torch.optim.LBFGS and neural-style use 1).  Adam: the per-step pixel change in [0, 1] units;
@@ -94,14 +96,21 @@ class StyleConfig:
     weights: str = option("imagenet", "VGG19 weights: imagenet (torchvision, cached), random "
                           "(seeded, for tests and benchmarks) or a state-dict file", metavar="imagenet|random|PATH")
     backend: str | None = option(None, "kernel backend: auto (Triton on CUDA, PyTorch elsewhere), torch "
-                                 "or triton (default: $FASTNST_BACKEND, else auto)", choices=("auto", "torch", "triton"))
+                                 "or triton (default: $FASTNST_BACKEND, else auto)", choices=BACKENDS)
     device: str = option("auto", "where to run: auto (CUDA if present), cpu, cuda or cuda:N", metavar="DEVICE")
+    precision: str = option("auto", "network precision: auto (bf16 on GPUs that have it, fp32 on CPU), "
+                            "fp32, bf16 or fp16 (with loss scaling); the image and optimiser stay fp32",
+                            choices=PRECISIONS)
+    cuda_graph: bool = option(True, "on CUDA, replay each iteration as one captured CUDA graph "
+                              "(--no-cuda-graph runs the same step eagerly)")
     save_every: int = option(0, "also save the image every N iterations as OUT_<iteration>.<ext> "
                              "(0 = off)", metavar="N", minimum=0, maximum=10_000_000)
     report_every: int = option(10, "on CUDA, read the loss back every N iterations (each read "
                                "waits for the GPU); on CPU it is read every iteration", metavar="N",
                                minimum=1, maximum=10_000_000)
     quiet: bool = option(False, "no progress bar or summary")
+    verbose: bool = option(False, "also report precision, backend, CUDA graph, skipped fp16 steps "
+                           "and peak memory at the end")
 
     def __post_init__(self) -> None:
         # Accept lists (Python callers, JSON) for tuple options and Path objects for weights.

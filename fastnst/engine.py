@@ -6,6 +6,10 @@ host synchronisation.  The loop around it is the only place that reads values ba
 every ``report_every`` iterations on CUDA (every iteration on the CPU, where reading is free), so
 the step can later be captured in a CUDA graph and replayed without changing this file's shape.
 
+On CUDA the step is captured once in a CUDA graph (``GraphedStep``) after warm-up iterations
+that compile the Triton kernels and let cuDNN pick its algorithms; every iteration is then one
+graph replay.  ``--no-cuda-graph`` and the CPU run the very same step function eagerly.
+
 The image is optimised unconstrained by L-BFGS: clamping it inside the loop would make the
 stored steps s differ from the steps the gradients y saw, corrupting the curvature pairs.  The
 content and style terms keep it near the valid range; the result is clipped to [0, 1] when it is
@@ -14,6 +18,7 @@ read out.  Adam projects onto [0, 1] after every update (see optim.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -24,6 +29,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import NonFiniteLossError
+from .optim import make_optimizer
+from .precision import LossScaler, autocast_for
 
 # Noise initialisation: mid-grey plus Gaussian noise of this standard deviation, so that the
 # start is white noise (the paper's choice) yet stays inside the valid pixel range.
@@ -40,6 +47,12 @@ class RunResult:
     seconds: float
     interrupted: bool = False
     losses: list[tuple[int, float]] = field(default_factory=list)  # (iteration, loss) as read
+    skipped_steps: int = 0  # fp16 steps skipped because the gradient overflowed
+    device: str = "cpu"
+    precision: str = "fp32"
+    backend: str = "torch"
+    cuda_graph: bool = False
+    peak_memory_bytes: int | None = None
 
 
 def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
@@ -58,16 +71,99 @@ def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: i
     raise ValueError(f"unknown init '{init}'")
 
 
-def make_step(objective: Callable[[torch.Tensor], torch.Tensor], optimizer) -> Step:
-    """One iteration: loss and gradient at ``image``, then the optimiser's in-place update."""
+def make_step(objective: Callable[[torch.Tensor], torch.Tensor], optimizer,
+              autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+              scaler: LossScaler | None = None) -> Step:
+    """One iteration: loss and gradient at ``image``, then the optimiser's in-place update.
+
+    The network runs under ``autocast`` (mixed precision); with a ``scaler`` (fp16) the gradient
+    comes from the scaled loss and a step whose gradient overflowed is skipped on the device.
+    The function reads nothing back to the host, so it can be captured in a CUDA graph.
+    """
 
     def step(image: torch.Tensor) -> torch.Tensor:
-        loss = objective(image)
-        (grad,) = torch.autograd.grad(loss, image)
-        optimizer.update(image, grad)
+        with autocast():
+            loss = objective(image)
+        if scaler is None:
+            (grad,) = torch.autograd.grad(loss, image)
+            optimizer.update(image, grad)
+        else:
+            (grad,) = torch.autograd.grad(loss * scaler.scale, image)
+            grad, ok = scaler.unscale(grad)
+            optimizer.update(image, grad, ok)
+            scaler.update(ok)
         return loss.detach()
 
     return step
+
+
+class GraphedStep:
+    """``step`` captured in a CUDA graph: calling it replays the whole iteration as one graph.
+
+    Warm-up iterations run first, on a side stream as CUDA-graph capture requires: they compile
+    the Triton kernels and let cuDNN benchmark its algorithms, so nothing is compiled or tuned
+    during capture.  They also move the image and the optimiser, so both are put back afterwards
+    (``reset`` restores the optimiser's, and the loss scaler's, freshly built state).
+    """
+
+    def __init__(self, step: Step, image: torch.Tensor, reset: Callable[[], None], warmup: int = 3):
+        snapshot = image.detach().clone()
+        side = torch.cuda.Stream(device=image.device)
+        side.wait_stream(torch.cuda.current_stream(image.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(image)
+        torch.cuda.current_stream(image.device).wait_stream(side)
+        with torch.no_grad():
+            image.copy_(snapshot)
+        reset()
+        del snapshot
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = step(image)  # recorded, not run: the state is still the initial one
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        self.graph.replay()
+        return self.loss
+
+
+@dataclass
+class PreparedRun:
+    """Everything an optimisation needs, built on one device: the image and its step."""
+
+    image: torch.Tensor  # the optimised image, a leaf updated in place
+    step: Step  # eager, or a GraphedStep replaying it
+    objective: Callable[[torch.Tensor], torch.Tensor]
+    optimizer: object
+    scaler: LossScaler | None
+
+
+def prepare(network, content: torch.Tensor, styles: list[torch.Tensor], config, precision: str,
+            graphed: bool) -> PreparedRun:
+    """Targets, initial image, optimiser, loss scaler and step (captured when ``graphed``).
+
+    ``content`` and ``styles`` are image tensors on the network's device; ``precision`` is a
+    resolved one (fp32, bf16, fp16).  Shared by real runs and by the benchmarks, so both time
+    the same thing.
+    """
+    from .objective import StyleObjective  # objective imports kernels; keep engine import light
+
+    device = content.device
+    autocast = autocast_for(precision, device)
+    with autocast():  # targets in the precision the image's features will have
+        objective = StyleObjective(network, content, styles, config)
+    image = initial_image(config.init, content, styles[0], config.seed).requires_grad_(True)
+    optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history)
+    scaler = LossScaler(device) if precision == "fp16" else None
+    step = make_step(objective, optimizer, autocast, scaler)
+    if graphed:
+        def reset() -> None:
+            optimizer.reset()
+            if scaler is not None:
+                scaler.reset()
+
+        step = GraphedStep(step, image, reset)
+    return PreparedRun(image=image, step=step, objective=objective, optimizer=optimizer, scaler=scaler)
 
 
 def optimise(step: Step, image: torch.Tensor, iterations: int, *, report_every: int = 10,

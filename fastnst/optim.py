@@ -15,6 +15,11 @@ import torch
 CURVATURE_EPS = 1e-10
 
 
+def lbfgs_state_bytes(history: int, pixels: int, channels: int = 3) -> int:
+    """fp32 bytes of L-BFGS state for an image: m (s, y) pairs plus the last step and gradient."""
+    return (2 * history + 2) * channels * pixels * 4
+
+
 def state_dtype(image: torch.Tensor) -> torch.dtype:
     """Optimiser state is fp32 (fp64 for an fp64 image, as in tests), whatever the image's dtype."""
     return torch.float64 if image.dtype == torch.float64 else torch.float32
@@ -37,7 +42,6 @@ class LBFGS:
         self.s = torch.zeros(history, n, device=device, dtype=dtype)  # steps x_{k+1} - x_k
         self.y = torch.zeros(history, n, device=device, dtype=dtype)  # gradient changes g_{k+1} - g_k
         self.rho = torch.zeros(history, device=device, dtype=dtype)  # 1 / (s.y); 0 marks an empty slot
-        self.alpha = torch.zeros(history, device=device, dtype=dtype)
         self.last_step = torch.zeros(n, device=device, dtype=dtype)
         self.last_grad = torch.zeros(n, device=device, dtype=dtype)
         self.gamma = torch.ones((), device=device, dtype=dtype)  # initial inverse-Hessian scale
@@ -50,29 +54,49 @@ class LBFGS:
         """Device memory held by the optimiser state."""
         return sum(t.numel() * t.element_size() for t in (self.s, self.y, self.last_step, self.last_grad))
 
+    def reset(self) -> None:
+        """Back to the freshly built state (used after warm-up iterations)."""
+        for t in (self.s, self.y, self.rho, self.last_step, self.last_grad, self.pairs):
+            t.zero_()
+        self.gamma.fill_(1.0)
+        self.started.fill_(False)
+
     @torch.no_grad()
-    def update(self, image: torch.Tensor, grad: torch.Tensor) -> None:
+    def update(self, image: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Step ``image`` in place.  ``ok`` (a device bool from fp16 loss scaling) False means the
+        gradient overflowed: then nothing changes, neither the image nor the history."""
         g = grad.detach().reshape(-1).to(self.last_grad.dtype)
-        self._remember(g)
+        self._remember(g, ok)
         direction = self._two_loop(g)
-        g_dot_d = torch.dot(g, direction)
-        bad = g_dot_d >= 0  # not a descent direction (numerical breakdown): restart
+        bad = torch.dot(g, direction) >= 0  # not a descent direction (numerical breakdown): restart
+        if ok is not None:
+            bad &= ok
         direction = torch.where(bad, -g, direction)
         self.rho.masked_fill_(bad, 0.0)
         self.gamma.masked_fill_(bad, 1.0)
         fresh = ~self.started | bad
         first_step = torch.clamp(1.0 / g.abs().sum(), max=1.0) * self.lr
         step_size = torch.where(fresh, first_step, torch.full_like(first_step, self.lr))
-        torch.mul(direction, step_size, out=self.last_step)
-        image.view(-1).add_(self.last_step.view_as(image.view(-1)).to(image.dtype))
-        self.last_grad.copy_(g)
-        self.started.fill_(True)
+        flat_image = image.view(-1)
+        if ok is None:
+            torch.mul(direction, step_size, out=self.last_step)
+            flat_image.add_(self.last_step.to(image.dtype))
+            self.last_grad.copy_(g)
+            self.started.fill_(True)
+        else:  # where(), not multiplication by ok: an overflowed step holds inf and NaN
+            step = direction * step_size
+            flat_image.add_(torch.where(ok, step, 0.0).to(image.dtype))
+            self.last_step.copy_(torch.where(ok, step, self.last_step))
+            self.last_grad.copy_(torch.where(ok, g, self.last_grad))
+            self.started |= ok
 
-    def _remember(self, g: torch.Tensor) -> None:
+    def _remember(self, g: torch.Tensor, ok: torch.Tensor | None) -> None:
         """Push the pair (s, y) of the last step into the ring, if its curvature is positive."""
         y = g - self.last_grad
         s_dot_y = torch.dot(self.last_step, y)
         accept = self.started & (s_dot_y > CURVATURE_EPS)
+        if ok is not None:
+            accept &= ok
         slot = (self.pairs % self.history).view(1)
         self.s.index_copy_(0, slot, torch.where(accept, self.last_step, self.s.index_select(0, slot)[0]).view(1, -1))
         self.y.index_copy_(0, slot, torch.where(accept, y, self.y.index_select(0, slot)[0]).view(1, -1))
@@ -84,18 +108,18 @@ class LBFGS:
         """-H g by the two-loop recursion over the ring, newest pair first; empty slots are no-ops."""
         newest_first = (self.pairs - 1 - self._offsets) % self.history
         q = g.neg()
+        alphas = []
         for k in range(self.history):
             i = newest_first[k : k + 1]
             s, y, rho = self.s.index_select(0, i)[0], self.y.index_select(0, i)[0], self.rho.index_select(0, i)
-            a = torch.dot(s, q) * rho[0]
-            self.alpha[k] = a
-            q.addcmul_(y, a, value=-1)
+            alphas.append(torch.dot(s, q) * rho[0])
+            q.addcmul_(y, alphas[k], value=-1)
         r = q.mul_(self.gamma)
         for k in reversed(range(self.history)):
             i = newest_first[k : k + 1]
             s, y, rho = self.s.index_select(0, i)[0], self.y.index_select(0, i)[0], self.rho.index_select(0, i)
             b = torch.dot(y, r) * rho[0]
-            r.addcmul_(s, self.alpha[k] - b)
+            r.addcmul_(s, alphas[k] - b)
         return r
 
 
@@ -117,17 +141,32 @@ class Adam:
     def state_bytes(self) -> int:
         return 2 * self.exp_avg.numel() * self.exp_avg.element_size()
 
+    def reset(self) -> None:
+        """Back to the freshly built state (used after warm-up iterations)."""
+        for t in (self.exp_avg, self.exp_avg_sq, self.steps):
+            t.zero_()
+
     @torch.no_grad()
-    def update(self, image: torch.Tensor, grad: torch.Tensor) -> None:
+    def update(self, image: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Step ``image`` in place; ``ok`` False (fp16 overflow) leaves image and moments unchanged."""
         beta1, beta2 = self.betas
         g = grad.detach().to(self.exp_avg.dtype)
-        self.steps.add_(1)
-        self.exp_avg.lerp_(g, 1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        correction1 = 1 - beta1**self.steps
-        correction2 = 1 - beta2**self.steps
+        if ok is None:
+            self.steps.add_(1)
+            self.exp_avg.lerp_(g, 1 - beta1)
+            self.exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        else:
+            self.steps.add_(ok.to(self.steps.dtype))
+            self.exp_avg.copy_(torch.where(ok, torch.lerp(self.exp_avg, g, 1 - beta1), self.exp_avg))
+            self.exp_avg_sq.copy_(torch.where(ok, self.exp_avg_sq * beta2 + g * g * (1 - beta2), self.exp_avg_sq))
+        # Before the first good step the bias corrections are 0; clamping keeps 0/0 out.
+        correction1 = (1 - beta1**self.steps).clamp_(min=1e-30)
+        correction2 = (1 - beta2**self.steps).clamp_(min=1e-30)
         denom = (self.exp_avg_sq.sqrt() / correction2.sqrt()).add_(self.eps)
-        image.sub_((self.exp_avg / denom * (self.lr / correction1)).to(image.dtype))
+        change = self.exp_avg / denom * (self.lr / correction1)
+        if ok is not None:
+            change = torch.where(ok, change, 0.0)
+        image.sub_(change.to(image.dtype))
         if self.bounds is not None:
             image.clamp_(*self.bounds)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastnst.cli import build_parser, checkpoint_path, main
-from fastnst.config import StyleConfig, flag_name
+from fastnst.cli import build_parser, checkpoint_path, config_flag, main
+from fastnst.config import StyleConfig
 
 from .conftest import random_image
 
@@ -156,7 +156,7 @@ def test_version_and_help_exit_zero(argv, capsys):
 def test_readme_documents_every_flag():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for f in dataclasses.fields(StyleConfig):
-        assert f"`{flag_name(f.name)}" in readme, flag_name(f.name)
+        assert f"`{config_flag(f)}" in readme, config_flag(f)
     assert 'pip install -e ".[test]" && pytest' in readme
 
 
@@ -174,3 +174,13 @@ def test_backend_flag_runs_the_triton_kernels(tmp_path, content_path, style_path
     refused = _run("stylize", content_path, style_path, "-o", tmp_path / "x.png", "--weights", "random",
                    "--backend", "gpu")
     assert refused.returncode == 2 and "--backend" in refused.stderr
+
+
+def test_precision_graph_and_verbose_flags(tmp_path, content_path, style_path, capsys):
+    out = tmp_path / "bf16.png"
+    code = main(["stylize", str(content_path), str(style_path), "-o", str(out), *FAST, "--precision", "bf16",
+                 "--no-cuda-graph", "--verbose"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "precision bf16" in err and "CUDA graph off" in err and "peak memory" in err
+    assert "process peak resident set" in err and out.exists()

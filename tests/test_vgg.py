@@ -35,7 +35,7 @@ def test_features_match_torchvision_vgg19_and_are_frozen():
     reference = vgg19(weights=None)
     reference.features.load_state_dict(state)
     reference.eval()
-    net = VGGFeatures(["conv2_1", "conv4_2", "conv1_1"], state, pooling="max")
+    net = VGGFeatures(["conv2_1", "conv4_2", "conv1_1"], state, pooling="max", channels_last=False)
     assert len(net.features) == layer_info("conv4_2")[0] + 1  # truncated after the deepest layer
     assert all(not p.requires_grad for p in net.parameters())
     image = torch.rand(1, 3, 40, 56)
@@ -48,6 +48,12 @@ def test_features_match_torchvision_vgg19_and_are_frozen():
             expected[index] = x.clone()
     for name, feature in zip(net.layers, ours):
         torch.testing.assert_close(feature, expected[layer_info(name)[0]], rtol=0, atol=0)
+    # channels_last (the default) changes only the summation order of the convolutions.
+    nhwc = VGGFeatures(["conv2_1", "conv4_2", "conv1_1"], state, pooling="max")
+    with torch.no_grad():
+        for a, b in zip(nhwc(image), ours):
+            assert a.is_contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
     # Backward through the frozen network reaches the image and no weight.
     image.requires_grad_(True)
     net(image)[1].sum().backward()

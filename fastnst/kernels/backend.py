@@ -14,9 +14,9 @@ from types import SimpleNamespace
 
 import torch
 
+from ..config import BACKENDS
 from ..errors import ConfigError
 
-BACKENDS = ("auto", "torch", "triton")
 ENV_VAR = "FASTNST_BACKEND"
 
 _chosen: str | None = None  # set_backend's choice; None defers to the environment
