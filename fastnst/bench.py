@@ -1,8 +1,8 @@
-"""Timing of one optimisation step, and the cost model the timings are reported against.
+"""Benchmark harness: seconds per iteration of fastnst, its ablations and the textbook reference.
 
-``time_step`` builds the same network, objective, optimiser and step as a real run (random
-weights and random images: speed does not depend on them), warms up, then times iterations with
-the right clock: CUDA events on a GPU, a wall clock on the CPU.
+Timing is correct by construction: the step is the one real runs use (``engine.prepare``), it is
+warmed up before the clock starts, CUDA work is timed with CUDA events after a synchronise (the CPU
+with a monotonic clock), and each figure is the median of several repeats with the spread shown.
 
 Cost model (``../shared/reference/baselines.md``, VGG19 through conv5_1, per input pixel):
 convolutions 722,304 FLOPs forward and about as much backward to the input; Gram matrices of
@@ -13,9 +13,11 @@ the implementation takes.
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,12 +30,36 @@ from .vgg import VGGFeatures, random_state_dict
 CONV_FLOPS_PER_PIXEL = 722_304  # forward; backward to the input costs about the same
 GRAM_FLOPS_PER_PIXEL = 34_816  # all five style Grams, full matrices
 STYLE_GRAD_FLOPS_PER_PIXEL = 34_816  # (G - A) F for the five style layers
+ACTIVATION_ELEMENTS_PER_PIXEL = 323  # kept for backward (baselines.md)
+
+# Published per-iteration times, with their sources (../shared/reference/baselines.md).
+PUBLISHED = (
+    dict(gpu="Tesla K40", size=512, optimizer="lbfgs", s_per_iter=None,
+         source="Gatys et al., CVPR 2016, sec. 5: 'up to an hour' to convergence at ~512 x 512; "
+                "no per-iteration time published"),
+    dict(gpu="GTX Titan X (Maxwell)", size=256, optimizer="lbfgs", s_per_iter=3.17 / 100,
+         source="Johnson, Alahi & Fei-Fei, ECCV 2016, Table 1 (3.17 s / 100 iterations)"),
+    dict(gpu="GTX Titan X (Maxwell)", size=512, optimizer="lbfgs", s_per_iter=10.97 / 100,
+         source="Johnson, Alahi & Fei-Fei, ECCV 2016, Table 1 (10.97 s / 100 iterations)"),
+    dict(gpu="GTX Titan X (Maxwell)", size=1024, optimizer="lbfgs", s_per_iter=42.89 / 100,
+         source="Johnson, Alahi & Fei-Fei, ECCV 2016, Table 1 (42.89 s / 100 iterations)"),
+    dict(gpu="GTX Titan X (Maxwell)", size=512, optimizer="adam", s_per_iter=44 / 500,
+         source="jcjohnson/neural-style README, cudnn+autotune+adam, 44 s / 500 iterations"),
+    dict(gpu="GTX Titan X (Pascal)", size=512, optimizer="lbfgs", s_per_iter=30 / 500,
+         source="jcjohnson/neural-style README, cudnn+autotune+lbfgs, 30 s / 500 iterations"),
+    dict(gpu="GTX Titan X (Pascal)", size=512, optimizer="adam", s_per_iter=22 / 500,
+         source="jcjohnson/neural-style README, cudnn+autotune+adam, 22 s / 500 iterations"),
+)
 
 
 def model_flops(height: int, width: int) -> float:
     """FLOPs of one iteration by the cost model: conv forward + backward, Grams, style gradient."""
     per_pixel = 2 * CONV_FLOPS_PER_PIXEL + GRAM_FLOPS_PER_PIXEL + STYLE_GRAD_FLOPS_PER_PIXEL
     return float(per_pixel * height * width)
+
+
+def published_for(size: int, optimizer: str) -> list[dict]:
+    return [p for p in PUBLISHED if p["size"] == size and p["optimizer"] == optimizer]
 
 
 @dataclass
@@ -49,50 +75,320 @@ class StepTiming:
     peak_memory_bytes: int | None
 
 
-def time_step(size: int, *, precision: str = "auto", cuda_graph: bool = True, optimizer: str = "lbfgs",
-              backend: str | None = None, device: str = "cuda", iterations: int = 20, repeats: int = 5,
-              warmup: int = 3, history: int | None = None) -> StepTiming:
-    """Seconds per iteration of the real step on a size x size image.
-
-    ``warmup`` eager iterations precede the timing; a graphed step warms up itself before capture.
-    """
-    config = StyleConfig(size=size, optimizer=optimizer, backend=backend, precision=precision,
-                         cuda_graph=cuda_graph, lbfgs_history=history or StyleConfig().lbfgs_history)
-    dev = torch.device(device)
-    precision = resolve_precision(precision, dev)
-    graphed = dev.type == "cuda" and cuda_graph
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-    g = torch.Generator().manual_seed(0)
-    content, style = (torch.rand(1, 3, size, size, generator=g).to(dev) for _ in range(2))
-    network = VGGFeatures(feature_layers(config), random_state_dict(0), pooling=config.pooling).to(dev)
-    run = prepare(network, content, [style], config, precision, graphed)
-    step, image = run.step, run.image
-    if not graphed:
-        for _ in range(warmup):  # GraphedStep warms up itself
-            step(image)
-    times = [_timed(step, image, iterations, dev) / iterations for _ in range(repeats)]
-    seconds = statistics.median(times)
-    return StepTiming(size=size, precision=precision, cuda_graph=graphed, optimizer=optimizer,
-                      backend=run.objective.ops.name, seconds_per_iteration=seconds,
-                      spread=(min(times), max(times)), model_tflops=model_flops(size, size) / seconds / 1e12,
-                      peak_memory_bytes=torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None)
+@dataclass
+class BenchRow:
+    size: int
+    optimizer: str
+    mode: str  # fast | fp32 | eager | torch | reference
+    status: str = "ok"  # or why the row was not measured
+    s_per_iter: float | None = None
+    spread: tuple[float, float] | None = None
+    speedup_vs_reference: float | None = None
+    model_tflops: float | None = None
+    peak_memory_bytes: int | None = None
+    precision: str | None = None
+    cuda_graph: bool | None = None
+    backend: str | None = None
+    published: list[dict] = field(default_factory=list)  # with our speed-up over each
 
 
-def _timed(step, image: torch.Tensor, iterations: int, device: torch.device) -> float:
-    """Seconds for ``iterations`` steps: CUDA events around the GPU work, or a wall clock."""
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def _timed(step, iterations: int, device: torch.device) -> float:
+    """Seconds for ``iterations`` calls of ``step()``: CUDA events around the GPU work, or a clock."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         torch.cuda.synchronize(device)
         start.record()
         for _ in range(iterations):
-            step(image)
+            step()
         end.record()
         end.synchronize()
         return start.elapsed_time(end) / 1e3
     begin = time.perf_counter()
     for _ in range(iterations):
-        step(image)
+        step()
     return time.perf_counter() - begin
+
+
+def _repeat(step, iterations: int, repeats: int, device: torch.device) -> tuple[float, tuple[float, float]]:
+    times = [_timed(step, iterations, device) / iterations for _ in range(repeats)]
+    return statistics.median(times), (min(times), max(times))
+
+
+def _images(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.rand(1, 3, size, size, generator=g).to(device) for _ in range(2))  # type: ignore
+
+
+def time_step(size: int, *, precision: str = "auto", cuda_graph: bool = True, optimizer: str = "lbfgs",
+              backend: str | None = None, device: str = "cuda", iterations: int = 20, repeats: int = 5,
+              warmup: int = 3, history: int | None = None) -> StepTiming:
+    """Seconds per iteration of fastnst's step on a size x size image (random weights and images:
+    speed does not depend on them).  ``warmup`` eager iterations precede the timing; a graphed step
+    warms up itself before capture."""
+    config = StyleConfig(size=size, optimizer=optimizer, backend=backend, precision=precision,
+                         cuda_graph=cuda_graph, lbfgs_history=history or StyleConfig().lbfgs_history)
+    dev = torch.device(device)
+    precision = resolve_precision(precision, dev)
+    graphed = dev.type == "cuda" and cuda_graph
+    _reset_peak(dev)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    content, style = _images(size, dev)
+    network = VGGFeatures(feature_layers(config), random_state_dict(0), pooling=config.pooling).to(dev)
+    run = prepare(network, content, [style], config, precision, graphed)
+    if not graphed:
+        for _ in range(warmup):
+            run.step(run.image)
+    seconds, spread = _repeat(lambda: run.step(run.image), iterations, repeats, dev)
+    return StepTiming(size=size, precision=precision, cuda_graph=graphed, optimizer=optimizer,
+                      backend=run.objective.ops.name, seconds_per_iteration=seconds, spread=spread,
+                      model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=_peak(dev))
+
+
+def time_reference(size: int, *, optimizer: str = "lbfgs", device: str = "cuda", iterations: int = 20,
+                   repeats: int = 5, warmup: int = 3) -> StepTiming:
+    """Seconds per iteration of the textbook reference (fastnst/reference_gatys.py)."""
+    from . import reference_gatys as textbook
+
+    config = StyleConfig()
+    dev = torch.device(device)
+    _reset_peak(dev)
+    content, style = _images(size, dev)
+    model, style_losses, content_losses = textbook.build_model(
+        random_state_dict(0), content, style, config.content_layers, config.style_layers, config.pooling)
+    image = torch.rand(content.shape, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_(True)
+    optimizer_ = textbook.make_optimizer(optimizer, image)
+    step = textbook.make_step(model, style_losses, content_losses, image, optimizer_)
+    for _ in range(warmup):
+        step()
+    seconds, spread = _repeat(step, iterations, repeats, dev)
+    return StepTiming(size=size, precision="fp32", cuda_graph=False, optimizer=optimizer, backend="torch",
+                      seconds_per_iteration=seconds, spread=spread,
+                      model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=_peak(dev))
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def _reset_peak(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 resets the process's peak resident set (VmHWM)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
+def _peak(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a run on ``device``: CUDA free memory, or MemAvailable on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def estimated_bytes(size: int, mode: str, precision: str, history: int) -> int:
+    """A rough upper estimate of a run's memory, to refuse sizes that cannot fit before trying.
+
+    Activations kept for backward (baselines.md: 323 elements per pixel) plus about as much again
+    transient in backward, the L-BFGS history, and the weights; the textbook reference keeps
+    fp32 activations twice (non-in-place ReLUs).  The planner of a later release will replace this.
+    """
+    pixels = size * size
+    element = 2 if precision in ("bf16", "fp16") else 4
+    activations = 2 * ACTIVATION_ELEMENTS_PER_PIXEL * pixels * element * (2 if mode == "reference" else 1)
+    history_bytes = (2 * history + 2) * 3 * pixels * 4
+    return activations + history_bytes + 100 * 2**20
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+def _mode_settings(mode: str) -> dict:
+    """StyleConfig changes of each mode relative to the fast path (the defaults)."""
+    return {"fast": {}, "fp32": {"precision": "fp32"}, "eager": {"cuda_graph": False},
+            "torch": {"backend": "torch"}}[mode]
+
+
+def resolved_mode(mode: str, device: torch.device) -> tuple[str, bool, str]:
+    """(precision, CUDA graph, kernels) a fastnst mode amounts to on ``device``."""
+    from . import kernels
+
+    config = StyleConfig().replace(**_mode_settings(mode))
+    precision = resolve_precision(config.precision, device)
+    return precision, device.type == "cuda" and config.cuda_graph, kernels.resolve(device, config.backend)
+
+
+def bench_rows(sizes, optimizers, modes, device: torch.device, iterations: int, repeats: int, warmup: int,
+               progress=print) -> list[BenchRow]:
+    """Time every (size, optimizer, mode); ablations equal to the fast path on this device are
+    listed as such instead of being timed twice."""
+    rows: list[BenchRow] = []
+    fast = resolved_mode("fast", device)
+    history = StyleConfig().lbfgs_history
+    for size in sizes:
+        for optimizer in optimizers:
+            reference_seconds = None
+            for mode in modes:
+                row = BenchRow(size=size, optimizer=optimizer, mode=mode)
+                rows.append(row)
+                if mode != "reference" and mode != "fast" and resolved_mode(mode, device) == fast:
+                    row.status = f"same as fast on {device.type}"
+                    continue
+                precision = "fp32" if mode == "reference" else resolved_mode(mode, device)[0]
+                need, free = estimated_bytes(size, mode, precision, history), available_bytes(device)
+                if free is not None and need > free:
+                    row.status = (f"does not fit: needs about {need / 2**30:.1f} GiB, "
+                                  f"{free / 2**30:.1f} GiB free")
+                    progress(f"{size} px {optimizer} {mode}: {row.status}")
+                    continue
+                try:
+                    timing = _time_mode(mode, size, optimizer, device, iterations, repeats, warmup)
+                except torch.cuda.OutOfMemoryError:
+                    row.status = "does not fit: out of memory"
+                    _reset_peak(device)
+                    progress(f"{size} px {optimizer} {mode}: {row.status}")
+                    continue
+                _fill(row, timing)
+                if mode == "reference":
+                    reference_seconds = timing.seconds_per_iteration
+                progress(f"{size} px {optimizer} {mode}: {timing.seconds_per_iteration:.4f} s/iter")
+            for row in rows:
+                if row.size == size and row.optimizer == optimizer and row.s_per_iter and reference_seconds:
+                    row.speedup_vs_reference = reference_seconds / row.s_per_iter
+    return rows
+
+
+def _time_mode(mode, size, optimizer, device, iterations, repeats, warmup) -> StepTiming:
+    if mode == "reference":
+        return time_reference(size, optimizer=optimizer, device=str(device), iterations=iterations,
+                              repeats=repeats, warmup=warmup)
+    settings = {"precision": "auto", "cuda_graph": True, "backend": None, **_mode_settings(mode)}
+    return time_step(size, optimizer=optimizer, device=str(device), iterations=iterations, repeats=repeats,
+                     warmup=warmup, **settings)
+
+
+def _fill(row: BenchRow, timing: StepTiming) -> None:
+    row.s_per_iter = timing.seconds_per_iteration
+    row.spread = timing.spread
+    row.model_tflops = timing.model_tflops
+    row.peak_memory_bytes = timing.peak_memory_bytes
+    row.precision, row.cuda_graph, row.backend = timing.precision, timing.cuda_graph, timing.backend
+    row.published = [dict(p, speedup=(p["s_per_iter"] / timing.seconds_per_iteration if p["s_per_iter"] else None))
+                     for p in published_for(row.size, row.optimizer)]
+
+
+def headline(rows: list[BenchRow]) -> dict | None:
+    """Megapixel-iterations per second of the fast path with the first optimiser, at 1024 px when
+    measured, else at the largest size measured (labelled as such)."""
+    fast = [r for r in rows if r.mode == "fast" and r.s_per_iter]
+    if not fast:
+        return None
+    first_optimizer = fast[0].optimizer
+    fast = [r for r in fast if r.optimizer == first_optimizer]
+    chosen = next((r for r in fast if r.size == 1024), max(fast, key=lambda r: r.size))
+    return {"size": chosen.size, "optimizer": chosen.optimizer,
+            "megapixel_iterations_per_second": chosen.size**2 / 1e6 / chosen.s_per_iter,
+            "s_per_iter": chosen.s_per_iter}
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    lines = [f"{'size':>5} {'opt':5} {'mode':9} {'s/iter':>9} {'spread':>19} {'vs ref':>7} {'TFLOP/s':>8} "
+             f"{'peak MiB':>9}  published"]
+    for r in rows:
+        if r.s_per_iter is None:
+            lines.append(f"{r.size:>5} {r.optimizer:5} {r.mode:9} {'-':>9} {r.status}")
+            continue
+        spread = f"[{r.spread[0]:.4f}, {r.spread[1]:.4f}]"
+        versus = f"{r.speedup_vs_reference:.2f}x" if r.speedup_vs_reference else "-"
+        memory = f"{r.peak_memory_bytes / 2**20:.0f}" if r.peak_memory_bytes else "-"
+        published = "; ".join(f"{p['gpu']} {p['s_per_iter']:.3f} s ({p['speedup']:.1f}x)" if p["s_per_iter"]
+                              else f"{p['gpu']}: no per-iteration figure" for p in r.published)
+        lines.append(f"{r.size:>5} {r.optimizer:5} {r.mode:9} {r.s_per_iter:9.4f} {spread:>19} {versus:>7} "
+                     f"{r.model_tflops:8.2f} {memory:>9}  {published}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Largest image per mode
+
+
+def fits(mode: str, size: int, device: torch.device, optimizer: str = "lbfgs") -> bool:
+    """Whether a real run of ``mode`` at ``size`` survives two iterations on ``device``."""
+    try:
+        _time_mode(mode, size, optimizer, device, iterations=1, repeats=1, warmup=1)
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        _reset_peak(device)
+
+
+def max_size(mode: str, device: torch.device, start: int = 1024, limit: int = 32768, step: int = 64,
+             progress=print) -> int | None:
+    """The largest square size (a multiple of ``step``) that fits: doubling, then bisection."""
+    good, bad = None, None
+    size = start
+    while size <= limit:
+        ok = fits(mode, size, device)
+        progress(f"max size {mode}: {size} px {'fits' if ok else 'does not fit'}")
+        if not ok:
+            bad = size
+            break
+        good, size = size, size * 2
+    if good is None:
+        size = start // 2
+        while size >= step and not fits(mode, size, device):
+            size //= 2
+        if size < step:
+            return None
+        good, bad = size, size * 2
+    if bad is None:
+        return good  # fits up to the limit
+    while bad - good > step:
+        middle = (good + bad) // 2 // step * step
+        if fits(mode, middle, device):
+            good = middle
+        else:
+            bad = middle
+        progress(f"max size {mode}: between {good} and {bad} px")
+    return good
+
+
+def as_json(rows: list[BenchRow], bench_config, max_sizes: dict | None) -> dict:
+    from .devices import run_metadata
+
+    return {"kind": "fastnst bench", "meta": run_metadata(), "config": dataclasses.asdict(bench_config),
+            "headline": headline(rows), "results": [dataclasses.asdict(r) for r in rows],
+            "max_size": max_sizes, "published": list(PUBLISHED),
+            "cost_model": {"flops_per_pixel": model_flops(1, 1),
+                           "source": "../shared/reference/baselines.md"}}

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import StyleConfig, flag_name
+from .config import BenchConfig, StyleConfig, flag_name
 from .errors import FastNSTError, NonFiniteLossError, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -29,11 +29,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _type_of(f: dataclasses.Field):
-    text = str(f.type)
-    if text.startswith("int"):
-        return int
+    """The element type of a field from its annotation: int, float (also inside tuple[...]) or str."""
+    text = str(f.type).replace(" ", "")
     if "float" in text:
         return float
+    if text.startswith(("int", "tuple[int")):
+        return int
     return str
 
 
@@ -52,9 +53,9 @@ def config_flag(f: dataclasses.Field) -> str:
     return "--no-" + flag[2:] if f.default is True else flag
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults: StyleConfig) -> None:
-    """One flag per StyleConfig field, named after it (``style_weight`` -> ``--style-weight``)."""
-    for f in dataclasses.fields(StyleConfig):
+def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
+    """One flag per field of a config dataclass, named after it (``style_weight`` -> ``--style-weight``)."""
+    for f in dataclasses.fields(defaults):
         default, meta = getattr(defaults, f.name), f.metadata
         kwargs: dict = dict(dest=f.name, default=default, help=_help(f, default))
         if isinstance(default, bool):
@@ -86,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                          help="output image: .png, .jpg/.jpeg, .webp or .tif/.tiff; written atomically")
     add_config_flags(stylize, StyleConfig())
     stylize.set_defaults(run=_stylize)
+
+    bench = commands.add_parser(
+        "bench", help="seconds per iteration: fast path, ablations, textbook reference, published GPUs",
+        description="Time fastnst's step against the textbook reference and the published K40 / Titan X "
+                    "figures, with random weights and images (speed does not depend on them).")
+    add_config_flags(bench, BenchConfig())
+    bench.set_defaults(run=_bench)
 
     info = commands.add_parser("info", help="versions, devices, usable backends and the weights cache",
                                description="Print versions, devices, usable backends and where "
@@ -156,6 +164,52 @@ def _stylize(args: argparse.Namespace) -> int:
         _say(f"device {result.device}, precision {result.precision}, kernels {result.backend}, CUDA graph "
              f"{'on' if result.cuda_graph else 'off'}, skipped fp16 steps {result.skipped_steps}, "
              f"peak memory {memory} ({source})")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from . import bench, bench_report
+    from .devices import resolve_device
+    from .files import atomic_write, check_writable
+
+    config = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}).validate()
+    if config.report:
+        print(bench_report.markdown_table(bench_report.load_results(config.report)))
+        return 0
+    device = resolve_device(config.device)
+    if config.max_size and device.type != "cuda":
+        raise UsageError("--max-size needs a CUDA device: on the CPU the limit is the machine's memory and "
+                         "the search would take hours")
+    if config.json:
+        check_writable(config.json, UsageError)
+    if config.plot:
+        bench_report.check_plot_path(config.plot)
+    sizes = config.sizes or ((256, 512, 1024) if device.type == "cuda" else (128, 256))
+    modes = ["fast", *(["fp32", "eager", "torch"] if config.ablate else []),
+             *(["reference"] if config.reference else [])]
+    progress = (lambda message: None) if config.quiet else (lambda message: _say(message))
+    rows = bench.bench_rows(sizes, config.optimizers, modes, device, config.iterations, config.repeats,
+                            config.warmup, progress=progress)
+    max_sizes = {mode: bench.max_size(mode, device, progress=progress) for mode in ("fast", "reference")} \
+        if config.max_size else None
+    result = bench.as_json(rows, config, max_sizes)
+    head = result["headline"]
+    if head:
+        print(f"headline: {head['megapixel_iterations_per_second']:.3f} megapixel-iterations/s "
+              f"({result['meta']['device']}, fast path, {head['optimizer']}, {head['size']} px)")
+    print(bench.format_table(rows))
+    if max_sizes:
+        print("largest square image that fits: " + ", ".join(f"{mode} {size} px" for mode, size in max_sizes.items()))
+    if config.json:
+        text = json.dumps(result, indent=1) + "\n"
+        atomic_write(config.json, lambda stream: stream.write(text.encode()), UsageError)
+    if config.plot:
+        bench_report.plot(result["results"], list(bench.PUBLISHED), config.plot,
+                          f"{result['meta']['device']}, torch {torch.__version__}, {result['meta']['date'][:10]}")
     return 0
 
 

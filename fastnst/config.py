@@ -207,3 +207,51 @@ def _range_text(low: float | None, above: float | None, high: float | None) -> s
     if high is not None:
         return f"in [{show(low)}, {show(high)}]"
     return f">= {show(low)}"
+
+
+BENCH_MODES = ("fast", "fp32", "eager", "torch", "reference")
+
+
+@dataclass
+class BenchConfig:
+    """Options of ``fastnst bench``; like StyleConfig, the CLI flags are built from these fields."""
+
+    sizes: tuple[int, ...] | None = option(None, "square image sizes in pixels (default: 256 512 1024 on "
+                                           "CUDA, 128 256 on CPU)", metavar="PX", minimum=16, maximum=65536,
+                                           many=True)
+    optimizers: tuple[str, ...] = option(("lbfgs", "adam"), "optimisers to time", metavar="NAME", many=True)
+    iterations: int = option(10, "timed iterations per repeat", metavar="N", minimum=1, maximum=100_000)
+    repeats: int = option(3, "timed repeats; the median is reported, min and max as the spread",
+                          metavar="N", minimum=1, maximum=1000)
+    warmup: int = option(2, "untimed iterations before timing (compilation, cuDNN autotuning)",
+                         metavar="N", minimum=0, maximum=1000)
+    ablate: bool = option(False, "also time the fast path with each speed feature switched off in turn "
+                          "(fp32 instead of bf16, eager instead of CUDA graph, torch kernels instead of "
+                          "Triton)")
+    reference: bool = option(True, "time the textbook reference (fastnst/reference_gatys.py)")
+    device: str = option("auto", "where to run: auto, cpu, cuda or cuda:N", metavar="DEVICE")
+    max_size: bool = option(False, "find the largest square image that fits for each mode (CUDA only; "
+                            "bisection with real allocations)")
+    json: str | None = option(None, "write all results with device, versions, date and commit here",
+                              metavar="PATH")
+    plot: str | None = option(None, "draw s/iter against megapixels (log scale) to this image; needs "
+                              "matplotlib (pip install 'fastnst[plot]')", metavar="PATH")
+    report: str | None = option(None, "print the README's benchmark table (markdown) from the fastnst "
+                                "bench JSON files in this folder, and exit", metavar="DIR")
+    quiet: bool = option(False, "no progress lines, only the table")
+
+    def __post_init__(self) -> None:
+        for name in ("sizes", "optimizers"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+
+    def validate(self) -> "BenchConfig":
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        for name in self.optimizers:
+            if name not in OPTIMIZERS:
+                raise ConfigError(f"--optimizers must be among {', '.join(OPTIMIZERS)}, not '{name}'")
+        if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
+            raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not '{self.device}'")
+        return self

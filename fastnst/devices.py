@@ -45,7 +45,6 @@ def run_metadata() -> dict:
     import datetime
     import os
     import platform
-    import subprocess
 
     from . import __version__
 
@@ -55,17 +54,12 @@ def run_metadata() -> dict:
         triton_version = triton.__version__
     except Exception:  # not installed or broken
         triton_version = None
-    commit = os.environ.get("FASTNST_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                    cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            commit = None
+    commit = os.environ.get("FASTNST_COMMIT") or _git_commit(os.path.dirname(os.path.abspath(__file__)))
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or platform.machine()})",
-        "driver_cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if cuda else f"cpu ({_cpu_name()}, {os.cpu_count()} cores)",
+        "driver": _nvidia_driver() if cuda else None,
+        "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "torch": torch.__version__,
         "triton": triton_version,
@@ -74,3 +68,43 @@ def run_metadata() -> dict:
         "commit": commit or "unknown",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _git_commit(folder: str) -> str | None:
+    """HEAD of the source tree, with '-dirty' when it has uncommitted changes; None outside git."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=folder).stdout.strip()
+        if not head:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=folder).stdout.strip()
+        return head + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout.strip()
+        return out.splitlines()[0] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_name() -> str:
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()

@@ -7,7 +7,6 @@ of text; nothing here leaves a partial file behind.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 from .errors import ImageError
+from .files import atomic_write, check_writable
 
 # Output formats by file extension (Pillow format name).
 SAVE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".tif": "TIFF",
@@ -132,52 +132,13 @@ def output_format(path: str | os.PathLike) -> str:
 
 def check_output_path(path: str | os.PathLike) -> Path:
     """Fail before any work if ``path`` cannot be written: bad extension, missing or read-only folder."""
-    path = Path(path)
     output_format(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ImageError(f"output folder '{folder}' does not exist")
-    if path.is_dir():
-        raise ImageError(f"output '{path}' is a folder")
-    try:  # a real write: os.access is wrong for root, ACLs and read-only mounts
-        handle, probe = tempfile.mkstemp(dir=folder, prefix=".fastnst-probe-")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ImageError(f"cannot write to output folder '{folder}' ({exc.strerror or exc})") from None
-    return path
+    return check_writable(path)
 
 
 def save_image(image, path: str | os.PathLike) -> Path:
-    """Save atomically: write a temporary file in the same folder, then rename it over ``path``."""
-    path = Path(path)
+    """Save atomically, in the format of the extension (see files.atomic_write)."""
     fmt = output_format(path)
     if isinstance(image, torch.Tensor):
         image = tensor_to_image(image)
-    folder = path.parent if str(path.parent) else Path(".")
-    try:
-        handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise ImageError(f"cannot write '{path}' ({exc.strerror or exc})") from None
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            image.save(stream, format=fmt, **_SAVE_OPTIONS.get(fmt, {}))
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(temp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise ImageError(f"cannot write '{path}' ({exc.strerror or exc})") from None
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    return atomic_write(path, lambda stream: image.save(stream, format=fmt, **_SAVE_OPTIONS.get(fmt, {})))

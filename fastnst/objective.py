@@ -88,7 +88,8 @@ class StyleObjective:
                 term = self.ops.gram(f)[0] * ((share / total) * out_positions[i] / f[0, 0].numel())
                 targets[i] = term if targets[i] is None else targets[i] + term
             del features
-        return tuple(targets)  # type: ignore[arg-type]
+        # Exactly symmetric, as a Gram is in exact arithmetic: the gradient formulas rely on it.
+        return tuple(0.5 * (t + t.transpose(0, 1)) for t in targets)  # type: ignore[union-attr]
 
     def _weighted_terms(self, image: torch.Tensor):
         """Yield (name, unweighted value, weight) for every term of the loss."""

@@ -48,6 +48,7 @@ class LBFGS:
         self.pairs = torch.zeros((), dtype=torch.long, device=device)  # accepted pairs so far
         self.started = torch.zeros((), dtype=torch.bool, device=device)
         self._offsets = torch.arange(history, device=device)
+        self._host_indexing = device.type == "cpu"  # see _newest_first
 
     @property
     def state_bytes(self) -> int:
@@ -97,6 +98,15 @@ class LBFGS:
         accept = self.started & (s_dot_y > CURVATURE_EPS)
         if ok is not None:
             accept &= ok
+        if self._host_indexing:
+            if bool(accept):
+                slot = int(self.pairs) % self.history
+                self.s[slot].copy_(self.last_step)
+                self.y[slot].copy_(y)
+                self.rho[slot] = 1.0 / s_dot_y
+                self.gamma.copy_(s_dot_y / torch.dot(y, y))
+                self.pairs.add_(1)
+            return
         slot = (self.pairs % self.history).view(1)
         self.s.index_copy_(0, slot, torch.where(accept, self.last_step, self.s.index_select(0, slot)[0]).view(1, -1))
         self.y.index_copy_(0, slot, torch.where(accept, y, self.y.index_select(0, slot)[0]).view(1, -1))
@@ -104,22 +114,40 @@ class LBFGS:
         self.gamma.copy_(torch.where(accept, s_dot_y / torch.dot(y, y), self.gamma))
         self.pairs.add_(accept.long())
 
+    def _newest_first(self) -> list:
+        """Ring slots from the newest pair to the oldest, as indices usable on this device.
+
+        On the CPU reading the pair count is free, so slots are plain ints: rows are views, and
+        empty slots are left out.  Elsewhere they are device tensors (no host sync, capturable),
+        rows are gathered with index_select, and all m slots are visited; an empty slot has
+        rho = 0 and changes nothing.  Both visit the filled slots in the same order with the same
+        arithmetic, so they give the same result.
+        """
+        if self._host_indexing:
+            head, filled = int(self.pairs), min(int(self.pairs), self.history)
+            return [(head - 1 - k) % self.history for k in range(filled)]
+        order = (self.pairs - 1 - self._offsets) % self.history
+        return [order[k : k + 1] for k in range(self.history)]
+
+    def _row(self, i):
+        if self._host_indexing:
+            return self.s[i], self.y[i], self.rho[i]
+        return self.s.index_select(0, i)[0], self.y.index_select(0, i)[0], self.rho.index_select(0, i)[0]
+
     def _two_loop(self, g: torch.Tensor) -> torch.Tensor:
-        """-H g by the two-loop recursion over the ring, newest pair first; empty slots are no-ops."""
-        newest_first = (self.pairs - 1 - self._offsets) % self.history
+        """-H g by the two-loop recursion over the ring, newest pair first."""
+        slots = self._newest_first()
         q = g.neg()
         alphas = []
-        for k in range(self.history):
-            i = newest_first[k : k + 1]
-            s, y, rho = self.s.index_select(0, i)[0], self.y.index_select(0, i)[0], self.rho.index_select(0, i)
-            alphas.append(torch.dot(s, q) * rho[0])
-            q.addcmul_(y, alphas[k], value=-1)
+        for i in slots:
+            s, y, rho = self._row(i)
+            alphas.append(torch.dot(s, q) * rho)
+            q.addcmul_(y, alphas[-1], value=-1)
         r = q.mul_(self.gamma)
-        for k in reversed(range(self.history)):
-            i = newest_first[k : k + 1]
-            s, y, rho = self.s.index_select(0, i)[0], self.y.index_select(0, i)[0], self.rho.index_select(0, i)
-            b = torch.dot(y, r) * rho[0]
-            r.addcmul_(s, alphas[k] - b)
+        for i, alpha in zip(reversed(slots), reversed(alphas)):
+            s, y, rho = self._row(i)
+            b = torch.dot(y, r) * rho
+            r.addcmul_(s, alpha - b)
         return r
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastnst import images
+from fastnst import files
 from fastnst.errors import ImageError
 from fastnst.images import (check_output_path, image_to_tensor, load_image, resized, save_image,
                             tensor_to_image)
@@ -168,6 +168,6 @@ def test_unwritable_folder_is_refused_even_for_root(tmp_path, monkeypatch):
     def read_only(*args, **kwargs):
         raise OSError(30, "Read-only file system")
 
-    monkeypatch.setattr(images.tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
     with pytest.raises(ImageError, match="cannot write to output folder .*Read-only file system"):
         check_output_path(tmp_path / "out.png")

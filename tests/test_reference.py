@@ -71,3 +71,16 @@ def test_content_loss_value_and_gradient():
 def test_bad_feature_shape_is_rejected():
     with pytest.raises(ValueError, match="features must have shape"):
         reference.gram(torch.zeros(3, 4))
+
+
+def test_style_loss_gradient_with_an_asymmetric_target():
+    """The written-out backward uses (D + D^T) F, right for any A, not only for Grams."""
+    x = torch.randn(2, 4, 23, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(4, 4, dtype=torch.float64) * 10
+    (grad,) = torch.autograd.grad(reference.style_loss(x, target, 2.0), x)
+    expected_loss = sum(2.0 / (4 * 16 * 23**2) * ((_gram64(x[b].detach()) - target) ** 2).sum() for b in range(2))
+    torch.testing.assert_close(reference.style_loss(x, target, 2.0).detach(), expected_loss)
+    y = x.detach().clone().requires_grad_(True)
+    plain = sum(2.0 / (4 * 16 * 23**2) * ((y[b] @ y[b].T - target) ** 2).sum() for b in range(2))
+    (expected,) = torch.autograd.grad(plain, y)
+    torch.testing.assert_close(grad, expected)

@@ -29,14 +29,42 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return f @ f.transpose(1, 2)
 
 
+class _StyleLoss(torch.autograd.Function):
+    """The style loss with its gradient written out: 2 s (D + D^T) F, s = weight / (4 C^2 M^2).
+
+    Autograd through G = F F^T would form grad_G F and grad_G^T F, two (C x C) @ (C x M) products;
+    D + D^T first needs one, halving the backward's matmul work (on the CPU at 256 px that was
+    47 of the 300 ms of a step).  For a symmetric A (a Gram) it is DESIGN.md's (G - A) F / (C^2 M^2).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, target_gram: torch.Tensor, weight: float) -> torch.Tensor:
+        f = _flat(x)
+        channels, positions = f.shape[1], f.shape[2]
+        diff = f @ f.transpose(1, 2) - _wide(target_gram)
+        # The scale is formed in Python (double): 4 C^2 M^2 passes 1e15 at 512 px and would lose
+        # digits if formed in fp32 first.
+        scale = weight / (4.0 * channels**2 * positions**2)
+        ctx.save_for_backward(x, diff)
+        ctx.scale = scale
+        return diff.square().sum() * scale
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        x, diff = ctx.saved_tensors
+        symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out
+        grad = (symmetric @ _flat(x)).view(x.shape).to(x.dtype)
+        return grad, None, None
+
+
 def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """sum_b weight / (4 C^2 M^2) * sum (G_b - A)^2; A is (C, C) or (B, C, C)."""
-    f = _flat(x)
-    channels, positions = f.shape[1], f.shape[2]
-    diff = gram(f) - _wide(target_gram)
-    # The scale is formed in Python (double): 4 C^2 M^2 passes 1e15 at 512 px and would lose
-    # digits if formed in fp32 first.
-    return diff.square().sum() * (weight / (4.0 * channels**2 * positions**2))
+    """sum_b weight / (4 C^2 M^2) * sum (G_b - A)^2; A is (C, C) or (B, C, C).
+
+    Differentiable with respect to x only (targets are constants, computed under no_grad)."""
+    _flat(x)  # shape check before autograd sees it
+    if target_gram.requires_grad and torch.is_grad_enabled():
+        raise ValueError("the style loss does not differentiate with respect to the target Gram")
+    return _StyleLoss.apply(x, target_gram, float(weight))
 
 
 def content_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
