@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# One-shot GPU validation: the GPU-marked tests and the kernel tests compiled on CUDA, then the
-# kernel benchmark and the step benchmark (s/iter at 512/1024/2048 px for fp32-eager, bf16-eager
-# and bf16-graph, with a profiler summary).  Writes everything to DIR (default
-# benchmarks/results/) and prints a short table last.  Runs from the source tree (PYTHONPATH=.),
-# installs nothing.
+# One-shot GPU validation, most valuable first, each stage under a time limit so the whole script
+# ends within about 8 minutes of device time (timeouts add up to 520 s):
+#   1. the GPU-marked tests and the kernel tests compiled for CUDA      (<= 150 s)
+#   2. fastnst bench: 512/1024/2048 px, L-BFGS and Adam, ablations, reference, plot (<= 150 s),
+#      then the largest image that fits, fast path and reference        (<=  90 s)
+#   3. the kernel benchmark (Triton vs the PyTorch twins, with floors)  (<=  80 s)
+#   4. fp32-eager step timing and a profiler summary of the bf16 step   (<=  50 s)
+# Writes everything to DIR (default benchmarks/results/) and prints a short summary last.
+# Runs from the source tree (PYTHONPATH=.), installs nothing.
 #
-#   bash benchmarks/gpu_check.sh [DIR]        (FASTNST_COMMIT=<sha> records the commit measured)
+#   FASTNST_COMMIT=<sha> bash benchmarks/gpu_check.sh [DIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results}
@@ -13,23 +17,34 @@ mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
+gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'no-gpu')")
 status=0
 
-python -m fastnst info > "$out/info-$stamp.txt" 2>&1 || status=1
-echo "== tests on the GPU (gpu-marked + kernels compiled for CUDA)"
-python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py tests/test_precision.py \
-    --junitxml="$out/gpu-tests-$stamp.xml" > "$out/gpu-tests-$stamp.log" 2>&1 || status=1
-tail -n 5 "$out/gpu-tests-$stamp.log"
+python -m fastnst info > "$out/info-$gpu-$stamp.txt" 2>&1 || status=1
 
-echo "== kernel benchmark"
-python benchmarks/bench_kernels.py --json "$out/kernels-$stamp.json" > "$out/kernels-$stamp.txt" 2>&1 || status=1
+echo "== 1. tests on the GPU"
+timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
+    --junitxml="$out/gpu-tests-$gpu-$stamp.xml" > "$out/gpu-tests-$gpu-$stamp.log" 2>&1 || status=1
+tail -n 4 "$out/gpu-tests-$gpu-$stamp.log"
 
-echo "== step benchmark"
-python benchmarks/bench_step.py --profile --json "$out/step-$stamp.json" > "$out/step-$stamp.txt" 2>&1 || status=1
+echo "== 2. fastnst bench, then the largest image per mode"
+timeout 150 python -m fastnst bench --sizes 512 1024 2048 --ablate --iterations 10 --repeats 3 \
+    --json "$out/bench-$gpu-$stamp.json" --plot "$out/bench-$gpu-$stamp.png" \
+    > "$out/bench-$gpu-$stamp.txt" 2>&1 || status=1
+timeout 90 python -m fastnst bench --max-size --json "$out/maxsize-$gpu-$stamp.json" \
+    >> "$out/bench-$gpu-$stamp.txt" 2>&1 || status=1
 
-echo "== summary ($stamp)"
-head -n 3 "$out/info-$stamp.txt"
-# The short table: 1024 px, bf16, channels_last rows, plus the peaks and the launch overhead.
-grep -E "^measured|^launch|^ size|^ 1024 .* bf16 +channels_last" "$out/kernels-$stamp.txt" || tail -n 20 "$out/kernels-$stamp.txt"
-head -n 10 "$out/step-$stamp.txt"
+echo "== 3. kernel benchmark"
+timeout 80 python benchmarks/bench_kernels.py --sizes 512 1024 2048 --json "$out/kernels-$gpu-$stamp.json" \
+    > "$out/kernels-$gpu-$stamp.txt" 2>&1 || status=1
+
+echo "== 4. fp32-eager step and profile"
+timeout 50 python benchmarks/bench_step.py --modes fp32-eager --profile --json "$out/step-$gpu-$stamp.json" \
+    > "$out/step-$gpu-$stamp.txt" 2>&1 || status=1
+
+echo "== summary ($gpu, $stamp, exit $status)"
+head -n 4 "$out/info-$gpu-$stamp.txt"
+grep -E "^headline|^ size| fast | reference |^largest" "$out/bench-$gpu-$stamp.txt" | head -n 30
+grep -E "^measured|^launch|^ 1024 .* bf16 +channels_last" "$out/kernels-$gpu-$stamp.txt" | head -n 16
+head -n 5 "$out/step-$gpu-$stamp.txt"
 exit $status

@@ -188,26 +188,31 @@ def _bench(args: argparse.Namespace) -> int:
         check_writable(config.json, UsageError)
     if config.plot:
         bench_report.check_plot_path(config.plot)
-    sizes = config.sizes or ((256, 512, 1024) if device.type == "cuda" else (128, 256))
-    modes = ["fast", *(["fp32", "eager", "torch"] if config.ablate else []),
-             *(["reference"] if config.reference else [])]
     progress = (lambda message: None) if config.quiet else (lambda message: _say(message))
-    rows = bench.bench_rows(sizes, config.optimizers, modes, device, config.iterations, config.repeats,
-                            config.warmup, progress=progress)
-    max_sizes = {mode: bench.max_size(mode, device, progress=progress) for mode in ("fast", "reference")} \
-        if config.max_size else None
+    if config.max_size:  # a search instead of the timing table
+        rows = []
+        max_sizes = {mode: bench.max_size(mode, device, progress=progress)
+                     for mode in ("fast", *(["reference"] if config.reference else []))}
+    else:
+        sizes = config.sizes or ((256, 512, 1024) if device.type == "cuda" else (128, 256))
+        modes = ["fast", *(["fp32", "eager", "torch"] if config.ablate else []),
+                 *(["reference"] if config.reference else [])]
+        rows = bench.bench_rows(sizes, config.optimizers, modes, device, config.iterations, config.repeats,
+                                config.warmup, progress=progress)
+        max_sizes = None
     result = bench.as_json(rows, config, max_sizes)
     head = result["headline"]
     if head:
         print(f"headline: {head['megapixel_iterations_per_second']:.3f} megapixel-iterations/s "
               f"({result['meta']['device']}, fast path, {head['optimizer']}, {head['size']} px)")
-    print(bench.format_table(rows))
+    if rows:
+        print(bench.format_table(rows))
     if max_sizes:
         print("largest square image that fits: " + ", ".join(f"{mode} {size} px" for mode, size in max_sizes.items()))
     if config.json:
         text = json.dumps(result, indent=1) + "\n"
         atomic_write(config.json, lambda stream: stream.write(text.encode()), UsageError)
-    if config.plot:
+    if config.plot and rows:
         bench_report.plot(result["results"], list(bench.PUBLISHED), config.plot,
                           f"{result['meta']['device']}, torch {torch.__version__}, {result['meta']['date'][:10]}")
     return 0

@@ -230,8 +230,8 @@ class BenchConfig:
                           "Triton)")
     reference: bool = option(True, "time the textbook reference (fastnst/reference_gatys.py)")
     device: str = option("auto", "where to run: auto, cpu, cuda or cuda:N", metavar="DEVICE")
-    max_size: bool = option(False, "find the largest square image that fits for each mode (CUDA only; "
-                            "bisection with real allocations)")
+    max_size: bool = option(False, "instead of timing, find the largest square image that fits, for the "
+                            "fast path and the reference (CUDA only; bisection with real allocations)")
     json: str | None = option(None, "write all results with device, versions, date and commit here",
                               metavar="PATH")
     plot: str | None = option(None, "draw s/iter against megapixels (log scale) to this image; needs "

@@ -56,13 +56,13 @@ class RunResult:
 
 
 def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
-    """The starting image, (1, 3, H, W) fp32 on content's device, shaped like the content."""
+    """The starting image: (1, 3, H, W), fp32, contiguous (optimisers view it flat), on content's device."""
     if init == "content":
-        return content.detach().clone().float()
+        return content.detach().float().clone(memory_format=torch.contiguous_format)
     if init == "style":
         size = content.shape[-2:]
         return F.interpolate(style.float(), size=size, mode="bilinear", antialias=True,
-                             align_corners=False).clamp_(0, 1)
+                             align_corners=False).clamp_(0, 1).contiguous()
     if init == "noise":
         # Drawn on the CPU so the same seed gives the same start on every device.
         generator = torch.Generator().manual_seed(seed)

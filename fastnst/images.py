@@ -106,7 +106,8 @@ def resized(image: Image.Image, longest_side: int) -> Image.Image:
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    # copy(): Pillow's buffer is read-only; contiguous(): plain NCHW memory, not HWC seen through permute.
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).unsqueeze(0).float().div_(255.0).contiguous()
 
 
 def tensor_to_image(tensor: torch.Tensor) -> Image.Image:

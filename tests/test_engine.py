@@ -69,3 +69,15 @@ def test_should_stop_interrupts_and_checkpoints_are_taken():
     assert saved == [2, 4, 6]
     # Adam moves about lr per step while the gradient keeps its sign: 7 steps of 0.01.
     assert result.image.mean().item() == pytest.approx(0.07, abs=0.005)
+
+
+@pytest.mark.parametrize("init", ["content", "style", "noise"])
+def test_every_init_runs_with_lbfgs(init, content_path, style_path, small_config):
+    result = render(content_path, style_path, small_config, init=init, iterations=3)
+    assert result.iterations == 3 and torch.isfinite(result.image).all()
+
+
+def test_initial_image_is_contiguous_whatever_the_content_layout():
+    content = torch.rand(1, 8, 6, 3).permute(0, 3, 1, 2)  # HWC memory, like a decoded picture
+    for init in ("content", "style", "noise"):
+        assert initial_image(init, content, content, 0).is_contiguous()
