@@ -7,6 +7,7 @@ handle interruption); ``stylize`` is the one-call convenience that returns a PIL
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
@@ -40,57 +41,163 @@ def _check_fits(image: Image.Image, layers: Sequence[str], what: str) -> None:
 
 def render(content, styles, config: StyleConfig | None = None, *,
            checkpoint: Callable[[int, torch.Tensor], None] | None = None,
-           should_stop: Callable[[], bool] = lambda: False, **overrides) -> RunResult:
-    """Stylise ``content`` with ``styles`` (one or several) and return the run's result."""
+           should_stop: Callable[[], bool] = lambda: False,
+           notify: Callable[[str], None] | None = None, shard=None, **overrides) -> RunResult:
+    """Stylise ``content`` with ``styles`` (one or several) and return the run's result.
+
+    ``notify`` receives one-line notes on decisions taken during the run (tile size chosen,
+    out-of-memory fallback); by default they go to the ``fastnst`` logger.  ``shard``
+    (distributed.py) spreads the tiles over processes.
+    """
     config = (config or StyleConfig()).replace(**overrides)
     styles = _as_list(styles)
     if not styles:
         raise ConfigError("at least one style image is needed")
     config.validate(n_styles=len(styles))
-    device = resolve_device(config.device)
+    notify = notify or logging.getLogger("fastnst").warning
+    device = shard.device if shard is not None else resolve_device(config.device)
     backend = kernels.resolve(device, config.backend)  # an unusable --backend fails before any work
     precision = resolve_precision(config.precision, device)
+    if shard is not None and config.tile is None:
+        config = config.replace(tile="auto")  # tiles are what processes share
 
     layers = feature_layers(config)
-    content_image = resized(load_image(content), config.size)
-    style_size = max(1, round(config.size * config.style_scale))
-    style_images = [resized(load_image(style), style_size) for style in styles]
-    _check_fits(content_image, layers, "content image")
-    for image in style_images:
-        _check_fits(image, layers, "style image")
+    content_source = load_image(content)
+    style_sources = [load_image(style) for style in styles]
+    sizes = config.scale_sizes()
+    for size in sizes:  # every scale must keep one feature position at the deepest layer
+        _check_fits(resized(content_source, size), layers, f"content image at {size} px")
+        for image in style_sources:
+            _check_fits(resized(image, max(1, round(size * config.style_scale))), layers,
+                        f"style image at {size} px")
 
     weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
-    graphed = device.type == "cuda" and config.cuda_graph
+    network = VGGFeatures(layers, weights, pooling=config.pooling).to(device)
     if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes never change within a run
+        torch.backends.cudnn.benchmark = True  # shapes never change within a scale
         torch.cuda.reset_peak_memory_stats(device)
-    try:
-        result = _optimise(content_image, style_images, weights, config, device, precision, graphed,
-                           checkpoint, should_stop)
-    except torch.cuda.OutOfMemoryError:
-        raise RunError(f"out of memory on {device} at --size {config.size}; use a smaller --size "
-                       f"or --lbfgs-history, or --optimizer adam") from None
-    except NonFiniteLossError as exc:
-        if precision == "fp16":
-            exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
-                        f"try --precision bf16 or fp32",)
-        raise
-    return dataclasses.replace(result, device=str(device), precision=precision, backend=backend,
-                               cuda_graph=graphed,
-                               peak_memory_bytes=peak_memory_bytes(device))
+    results: list[RunResult] = []
+    previous, done, tiles_used = None, 0, []
+    for index, size in enumerate(sizes):
+        content_image = resized(content_source, size)
+        style_images = [resized(image, max(1, round(size * config.style_scale))) for image in style_sources]
+        start = _upsampled(previous, content_image.size) if previous is not None else None
+        label = f"{size} px" + (f" ({index + 1}/{len(sizes)})" if len(sizes) > 1 else "")
+        offset = done
+
+        def scale_checkpoint(iteration, image, offset=offset):
+            if checkpoint is not None:
+                checkpoint(offset + iteration, image)
+
+        try:
+            result, tile = _run_scale(network, content_image, style_images, config, device, precision,
+                                      config.iterations_at(index), start, label, scale_checkpoint,
+                                      should_stop, notify, shard)
+        except NonFiniteLossError as exc:
+            if precision == "fp16":
+                exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
+                            f"try --precision bf16 or fp32",)
+            exc.last_iteration += done
+            raise
+        tiles_used.append(tile)
+        results.append(result)
+        done += result.iterations
+        previous = result.image
+        if result.interrupted:
+            break
+    graphed = device.type == "cuda" and config.cuda_graph and all(t is None for t in tiles_used)
+    return dataclasses.replace(_merge(results), device=str(device), precision=precision, backend=backend,
+                               cuda_graph=graphed, tile=tiles_used[-1], peak_memory_bytes=peak_memory_bytes(device))
 
 
-def _optimise(content_image, style_images, weights, config, device, precision, graphed, checkpoint,
-              should_stop) -> RunResult:
-    """Build the network and the run on ``device``, then optimise."""
-    network = VGGFeatures(feature_layers(config), weights, pooling=config.pooling).to(device)
+def _upsampled(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The previous scale's result resized to (width, height): the next scale's start."""
+    width, height = size
+    return torch.nn.functional.interpolate(image, size=(height, width), mode="bicubic",
+                                           align_corners=False).clamp_(0, 1)
+
+
+def _merge(results: list[RunResult]) -> RunResult:
+    """One result for a multi-scale run: the last image, iterations and losses counted across scales."""
+    losses, offset = [], 0
+    for result in results:
+        losses += [(offset + i, loss) for i, loss in result.losses]
+        offset += result.iterations
+    last = results[-1]
+    return dataclasses.replace(last, iterations=offset, losses=losses,
+                               seconds=sum(r.seconds for r in results),
+                               skipped_steps=sum(r.skipped_steps for r in results))
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+
+
+def _run_scale(network, content_image, style_images, config, device, precision, iterations, start, label,
+               checkpoint, should_stop, notify, shard) -> tuple[RunResult, int | None]:
+    """Optimise at one scale; an untiled run out of memory falls back to tiles once, saying so."""
+    tile = _tile_for(config, content_image, device, notify)
+    width, height = content_image.size
+    while True:
+        try:
+            result = _optimise(network, content_image, style_images, config, device, precision, tile,
+                               iterations, start, label, checkpoint, should_stop, shard)
+            return result, tile
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc):
+                raise
+        _release(device)  # after the except block, so the failed attempt's tensors can be freed
+        if tile is not None:
+            raise RunError(f"out of memory on {device} at {width}x{height} px with {tile} px tiles; use a "
+                           f"smaller --tile, a lower --lbfgs-history, --optimizer adam, or a smaller --size")
+        from .plan import auto_tile, calibrate, free_bytes
+        from .tiling import ALIGN
+
+        # The planner thought the whole image fits; it did not, so at least halve it.
+        tile = auto_tile(calibrate(config, device), height, width, free_bytes(device) or 0) or \
+            max(ALIGN, max(width, height) // 2 // ALIGN * ALIGN)
+        notify(f"out of memory untiled at {width}x{height} px; retrying once with --tile {tile}")
+
+
+def _release(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _tile_for(config: StyleConfig, content_image: Image.Image, device: torch.device, notify) -> int | None:
+    """The tile size of this scale: --tile N, or what --tile auto's planner picks (None: untiled)."""
+    if config.tile is None:
+        return None
+    width, height = content_image.size
+    if config.tile != "auto":
+        return int(config.tile)
+    from .plan import auto_tile, calibrate, free_bytes
+
+    free = free_bytes(device)
+    if free is None:
+        notify("--tile auto: free memory unknown on this system; running untiled")
+        return None
+    tile = auto_tile(calibrate(config, device), height, width, free)
+    notify(f"--tile auto at {width}x{height} px: " + ("untiled (the whole image fits)" if tile is None
+                                                     else f"{tile} px tiles"))
+    return tile
+
+
+def _optimise(network, content_image, style_images, config, device, precision, tile, iterations, start,
+              label, checkpoint, should_stop, shard) -> RunResult:
+    """Build the run at one scale on ``device``, then optimise."""
     content = image_to_tensor(content_image).to(device)
     styles = [image_to_tensor(image).to(device) for image in style_images]
-    run = prepare(network, content, styles, config, precision, graphed)
+    graphed = device.type == "cuda" and config.cuda_graph and tile is None
+    run = prepare(network, content, styles, config, precision, graphed, tile=tile, start=start, shard=shard)
     del content, styles
-    result = optimise(run.step, run.image, config.iterations, report_every=config.report_every,
-                      progress=not config.quiet, checkpoint=checkpoint,
-                      checkpoint_every=config.save_every, should_stop=should_stop)
+    result = optimise(run.step, run.image, iterations, report_every=config.report_every,
+                      progress=not config.quiet, checkpoint=checkpoint, checkpoint_every=config.save_every,
+                      should_stop=should_stop, label=label)
     if run.scaler is not None:
         result.skipped_steps = int(run.scaler.skipped.item())
     return result

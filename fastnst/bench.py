@@ -123,17 +123,16 @@ def _images(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return tuple(torch.rand(1, 3, size, size, generator=g).to(device) for _ in range(2))  # type: ignore
 
 
-def time_step(size: int, *, precision: str = "auto", cuda_graph: bool = True, optimizer: str = "lbfgs",
-              backend: str | None = None, device: str = "cuda", iterations: int = 20, repeats: int = 5,
-              warmup: int = 3, history: int | None = None) -> StepTiming:
+def time_step(size: int, *, config: StyleConfig | None = None, device: str = "cuda", iterations: int = 20,
+              repeats: int = 5, warmup: int = 3, **overrides) -> StepTiming:
     """Seconds per iteration of fastnst's step on a size x size image (random weights and images:
-    speed does not depend on them).  ``warmup`` eager iterations precede the timing; a graphed step
-    warms up itself before capture."""
-    config = StyleConfig(size=size, optimizer=optimizer, backend=backend, precision=precision,
-                         cuda_graph=cuda_graph, lbfgs_history=history or StyleConfig().lbfgs_history)
+    speed does not depend on them).  ``config`` (default StyleConfig()) with ``overrides`` gives
+    the objective, optimiser, precision, graph and backend.  ``warmup`` eager iterations precede
+    the timing; a graphed step warms up itself before capture."""
+    config = (config or StyleConfig()).replace(size=size, **overrides)
     dev = torch.device(device)
-    precision = resolve_precision(precision, dev)
-    graphed = dev.type == "cuda" and cuda_graph
+    precision = resolve_precision(config.precision, dev)
+    graphed = dev.type == "cuda" and config.cuda_graph
     _reset_peak(dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -144,7 +143,7 @@ def time_step(size: int, *, precision: str = "auto", cuda_graph: bool = True, op
         for _ in range(warmup):
             run.step(run.image)
     seconds, spread = _repeat(lambda: run.step(run.image), iterations, repeats, dev)
-    return StepTiming(size=size, precision=precision, cuda_graph=graphed, optimizer=optimizer,
+    return StepTiming(size=size, precision=precision, cuda_graph=graphed, optimizer=config.optimizer,
                       backend=run.objective.ops.name, seconds_per_iteration=seconds, spread=spread,
                       model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=_peak(dev))
 

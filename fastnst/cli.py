@@ -53,6 +53,30 @@ def config_flag(f: dataclasses.Field) -> str:
     return "--no-" + flag[2:] if f.default is True else flag
 
 
+def _list_action(element):
+    """An argparse action for tuple options: values may be space- or comma-separated
+    (``--scales 512 1024`` or ``--scales 512,1024``)."""
+
+    class ListAction(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            items = [piece for value in values for piece in value.split(",") if piece]
+            try:
+                setattr(namespace, self.dest, tuple(element(item) for item in items))
+            except ValueError:
+                bad = next(item for item in items if not _parses(element, item))
+                parser.error(f"argument {option_string}: invalid {element.__name__} value: '{bad}'")
+
+    return ListAction
+
+
+def _parses(element, text: str) -> bool:
+    try:
+        element(text)
+        return True
+    except ValueError:
+        return False
+
+
 def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
     """One flag per field of a config dataclass, named after it (``style_weight`` -> ``--style-weight``)."""
     for f in dataclasses.fields(defaults):
@@ -65,6 +89,7 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
             kwargs["metavar"] = meta.get("metavar")
             if meta.get("many"):
                 kwargs["nargs"] = "+"
+                kwargs["action"] = _list_action(kwargs.pop("type"))
             if meta.get("choices"):
                 kwargs["choices"] = meta["choices"]
                 kwargs.pop("metavar")
@@ -94,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "figures, with random weights and images (speed does not depend on them).")
     add_config_flags(bench, BenchConfig())
     bench.set_defaults(run=_bench)
+
+    plan = commands.add_parser(
+        "plan", help="predicted peak memory and s/iter, untiled and tiled, and the tile --tile auto picks",
+        description="Measure the step at two small sizes on the device, then predict peak memory and seconds "
+                    "per iteration at --size (a square image), untiled and tiled, with the tile size --tile "
+                    "auto would pick and the L-BFGS state cost.  Takes the options of stylize.")
+    add_config_flags(plan, StyleConfig())
+    plan.set_defaults(run=_plan)
 
     info = commands.add_parser("info", help="versions, devices, usable backends and the weights cache",
                                description="Print versions, devices, usable backends and where "
@@ -131,39 +164,74 @@ class _InterruptFlag:
 
 
 def _stylize(args: argparse.Namespace) -> int:
-    from .api import render
-    from .images import check_output_path, save_image
+    from . import distributed
 
     config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)})
     config.validate(n_styles=len(args.styles))
+    shard = distributed.from_environment(config.device)
+    try:
+        return _stylize_with(args, config, shard)
+    finally:
+        distributed.close(shard)
+
+
+def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
+    """The run itself; under torchrun every rank computes, rank 0 alone talks and writes."""
+    from .api import render
+    from .images import check_output_path, save_image
+
+    main_rank = shard is None or shard.is_main
+    if not main_rank:
+        config = config.replace(quiet=True, verbose=False, save_every=0)
     output = check_output_path(args.output)
+    total = sum(config.iterations_at(i) for i in range(len(config.scale_sizes())))
 
     def checkpoint(iteration, image):
-        save_image(image, checkpoint_path(output, iteration, config.iterations))
+        save_image(image, checkpoint_path(output, iteration, total))
 
     try:
         with _InterruptFlag() as stop:
-            result = render(args.content, args.styles, config, checkpoint=checkpoint, should_stop=stop)
+            should_stop = stop if shard is None else (lambda: shard.any(stop()))
+            result = render(args.content, args.styles, config, checkpoint=checkpoint, should_stop=should_stop,
+                            notify=_say if main_rank and not config.quiet else (lambda message: None),
+                            shard=shard)
     except NonFiniteLossError as exc:
-        save_image(exc.last_image, output)
+        if main_rank:
+            save_image(exc.last_image, output)
         raise NonFiniteLossError(f"{exc}; kept the image of iteration {exc.last_iteration} in "
                                  f"{output}") from None
+    if not main_rank:
+        return EXIT_INTERRUPTED if result.interrupted else 0
     save_image(result.image, output)
+    width, height = result.image.shape[-1], result.image.shape[-2]
     if result.interrupted:
-        _say(f"interrupted after {result.iterations} of {config.iterations} iterations; "
-             f"saved the current image to {output}")
+        _say(f"interrupted after {result.iterations} of {total} iterations; saved the current image "
+             f"({width}x{height}) to {output}")
         return EXIT_INTERRUPTED
     if not config.quiet:
-        width, height = result.image.shape[-1], result.image.shape[-2]
         per_iteration = result.seconds / max(result.iterations, 1)
         _say(f"wrote {output} ({width}x{height}, {result.iterations} iterations, loss {result.loss:.6g}, "
              f"{result.seconds:.1f} s, {per_iteration:.3f} s/iter)")
     if config.verbose:
         memory = f"{result.peak_memory_bytes / 2**20:.0f} MiB" if result.peak_memory_bytes else "unknown"
         source = "CUDA max allocated" if result.device.startswith("cuda") else "process peak resident set"
+        tiles = f"{result.tile} px tiles" if result.tile else "untiled"
+        processes = f", {shard.world} processes" if shard is not None else ""
         _say(f"device {result.device}, precision {result.precision}, kernels {result.backend}, CUDA graph "
-             f"{'on' if result.cuda_graph else 'off'}, skipped fp16 steps {result.skipped_steps}, "
-             f"peak memory {memory} ({source})")
+             f"{'on' if result.cuda_graph else 'off'}, {tiles}{processes}, skipped fp16 steps "
+             f"{result.skipped_steps}, peak memory {memory} ({source})")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from .devices import resolve_device
+    from .plan import plan_lines
+
+    config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)}).validate()
+    device = resolve_device(config.device)
+    size = config.scale_sizes()[-1]
+    for line in plan_lines(config, device, size, size):
+        print(line)
     return 0
 
 

@@ -103,6 +103,21 @@ class StyleConfig:
                             choices=PRECISIONS)
     cuda_graph: bool = option(True, "on CUDA, replay each iteration as one captured CUDA graph "
                               "(--no-cuda-graph runs the same step eagerly)")
+    tile: str | None = option(None, "evaluate the objective tile by tile with exact results: interior size "
+                              "in px (a multiple of 16) or auto (the largest tile that fits free memory; "
+                              "untiled if the whole image fits)", metavar="SIZE|auto")
+    tile_halo: int | None = option(None, "pixels of context around each tile (default: the exact one for the "
+                                   "deepest layer, 80 px for conv5_1); less is faster but approximate",
+                                   metavar="PX", minimum=0, maximum=4096)
+    scales: tuple[int, ...] | None = option(None, "multi-scale: optimise at these sizes in turn, each result "
+                                            "upsampled to start the next; the last is the output size "
+                                            "(replaces --size)", metavar="PX", minimum=16, maximum=65536,
+                                            many=True)
+    start_size: int | None = option(None, "multi-scale from this size up to --size in steps of sqrt(2)",
+                                    metavar="PX", minimum=16, maximum=65536)
+    scale_iterations: tuple[int, ...] | None = option(None, "iterations at each scale, one value per scale "
+                                                      "(default: --iterations at every scale)", metavar="N",
+                                                      minimum=1, maximum=10_000_000, many=True)
     save_every: int = option(0, "also save the image every N iterations as OUT_<iteration>.<ext> "
                              "(0 = off)", metavar="N", minimum=0, maximum=10_000_000)
     report_every: int = option(10, "on CUDA, read the loss back every N iterations (each read "
@@ -113,6 +128,8 @@ class StyleConfig:
                            "and peak memory at the end")
 
     def __post_init__(self) -> None:
+        if isinstance(self.tile, int) and not isinstance(self.tile, bool):
+            self.tile = str(self.tile)
         # Accept lists (Python callers, JSON) for tuple options and Path objects for weights.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -161,7 +178,36 @@ class StyleConfig:
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not '{self.device}'")
         if not self.weights:
             raise ConfigError("--weights must be imagenet, random or a file path")
+        if self.tile is not None and self.tile != "auto":
+            if not self.tile.isdigit() or int(self.tile) < 16 or int(self.tile) % 16:
+                raise ConfigError(f"--tile must be auto or a multiple of 16 px (16, 32, ...), not '{self.tile}'")
+        if self.tile_halo is not None and self.tile_halo % 16:
+            raise ConfigError(f"--tile-halo must be a multiple of 16 px, not {self.tile_halo}")
+        if self.scales is not None and self.start_size is not None:
+            raise ConfigError("give --scales or --start-size, not both")
+        if self.scales is not None and list(self.scales) != sorted(set(self.scales)):
+            raise ConfigError("--scales must increase, e.g. 512 1024 2048")
+        if self.start_size is not None and self.start_size > self.size:
+            raise ConfigError(f"--start-size ({self.start_size}) must not exceed --size ({self.size})")
+        if self.scale_iterations is not None and len(self.scale_iterations) != len(self.scale_sizes()):
+            raise ConfigError(f"--scale-iterations needs one value per scale ({len(self.scale_sizes())}), "
+                              f"got {len(self.scale_iterations)}")
         return self
+
+    def scale_sizes(self) -> tuple[int, ...]:
+        """The sizes optimised in turn: --scales, or --start-size up to --size by sqrt(2), or --size."""
+        if self.scales:
+            return tuple(self.scales)
+        if self.start_size:
+            sizes, size = [], float(self.start_size)
+            while round(size) < self.size:
+                sizes.append(round(size))
+                size *= math.sqrt(2)
+            return (*sizes, self.size)
+        return (self.size,)
+
+    def iterations_at(self, index: int) -> int:
+        return self.scale_iterations[index] if self.scale_iterations else self.iterations
 
 
 def _is_cuda_index(spec: str) -> bool:

@@ -52,6 +52,7 @@ class RunResult:
     precision: str = "fp32"
     backend: str = "torch"
     cuda_graph: bool = False
+    tile: int | None = None  # tile size of the (last) scale, None when untiled
     peak_memory_bytes: int | None = None
 
 
@@ -78,17 +79,22 @@ def make_step(objective: Callable[[torch.Tensor], torch.Tensor], optimizer,
 
     The network runs under ``autocast`` (mixed precision); with a ``scaler`` (fp16) the gradient
     comes from the scaled loss and a step whose gradient overflowed is skipped on the device.
-    The function reads nothing back to the host, so it can be captured in a CUDA graph.
+    An objective that computes its own gradient (the tiled one) provides
+    ``loss_and_grad(image, scale)`` and is used as is.  The function reads nothing back to the
+    host, so (untiled) it can be captured in a CUDA graph.
     """
 
     def step(image: torch.Tensor) -> torch.Tensor:
-        with autocast():
-            loss = objective(image)
+        scale = None if scaler is None else scaler.scale
+        if hasattr(objective, "loss_and_grad"):
+            loss, grad = objective.loss_and_grad(image, scale)
+        else:
+            with autocast():
+                loss = objective(image)
+            (grad,) = torch.autograd.grad(loss if scale is None else loss * scale, image)
         if scaler is None:
-            (grad,) = torch.autograd.grad(loss, image)
             optimizer.update(image, grad)
         else:
-            (grad,) = torch.autograd.grad(loss * scaler.scale, image)
             grad, ok = scaler.unscale(grad)
             optimizer.update(image, grad, ok)
             scaler.update(ok)
@@ -139,20 +145,34 @@ class PreparedRun:
 
 
 def prepare(network, content: torch.Tensor, styles: list[torch.Tensor], config, precision: str,
-            graphed: bool) -> PreparedRun:
+            graphed: bool, tile: int | None = None, start: torch.Tensor | None = None,
+            shard=None) -> PreparedRun:
     """Targets, initial image, optimiser, loss scaler and step (captured when ``graphed``).
 
     ``content`` and ``styles`` are image tensors on the network's device; ``precision`` is a
-    resolved one (fp32, bf16, fp16).  Shared by real runs and by the benchmarks, so both time
-    the same thing.
+    resolved one (fp32, bf16, fp16).  ``tile`` (px) evaluates the objective tile by tile
+    (tiling.py; never graphed); ``start`` replaces the configured initial image (multi-scale);
+    ``shard`` (distributed.py) spreads tiles over processes.  Shared by real runs and by the
+    benchmarks, so both time the same thing.
     """
     from .objective import StyleObjective  # objective imports kernels; keep engine import light
 
     device = content.device
     autocast = autocast_for(precision, device)
-    with autocast():  # targets in the precision the image's features will have
-        objective = StyleObjective(network, content, styles, config)
-    image = initial_image(config.init, content, styles[0], config.seed).requires_grad_(True)
+    if tile:
+        from .tiling import TiledObjective
+
+        extra = {} if shard is None else {"share": shard.share, "reduce": shard.reduce}
+        objective = TiledObjective(network, content, styles, config, tile=tile, halo=config.tile_halo,
+                                   autocast=autocast, **extra)
+        graphed = False
+    else:
+        with autocast():  # targets in the precision the image's features will have
+            objective = StyleObjective(network, content, styles, config)
+    if start is not None:
+        image = start.detach().to(device=device, dtype=torch.float32).contiguous().requires_grad_(True)
+    else:
+        image = initial_image(config.init, content, styles[0], config.seed).requires_grad_(True)
     optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history)
     scaler = LossScaler(device) if precision == "fp16" else None
     step = make_step(objective, optimizer, autocast, scaler)
@@ -168,7 +188,8 @@ def prepare(network, content: torch.Tensor, styles: list[torch.Tensor], config, 
 
 def optimise(step: Step, image: torch.Tensor, iterations: int, *, report_every: int = 10,
              progress: bool = True, checkpoint: Callable[[int, torch.Tensor], None] | None = None,
-             checkpoint_every: int = 0, should_stop: Callable[[], bool] = lambda: False) -> RunResult:
+             checkpoint_every: int = 0, should_stop: Callable[[], bool] = lambda: False,
+             label: str = "") -> RunResult:
     """Run ``iterations`` steps on ``image`` (a leaf that requires grad, updated in place).
 
     Raises NonFiniteLossError when a loss read back is NaN or infinite; it carries the last image
@@ -180,8 +201,8 @@ def optimise(step: Step, image: torch.Tensor, iterations: int, *, report_every: 
     last_good_iteration, loss_value, losses = 0, None, []
     interrupted = False
     started = time.perf_counter()
-    with tqdm(total=iterations, disable=not progress, unit="it", desc="stylize", dynamic_ncols=True,
-              leave=False) as bar:
+    with tqdm(total=iterations, disable=not progress, unit="it", desc=f"stylize {label}".strip(),
+              dynamic_ncols=True, leave=False) as bar:
         done = 0
         for i in range(1, iterations + 1):
             if should_stop():

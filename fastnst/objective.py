@@ -63,10 +63,7 @@ class StyleObjective:
         self.tv_weight = float(config.tv_weight)
 
         with torch.no_grad():
-            content_features = network(content)
-            self.content_targets = tuple(content_features[s].detach().clone() for s in self.content_slots)
-            out_positions = [content_features[s][0, 0].numel() for s in self.style_slots]
-            del content_features
+            self.content_targets, out_positions = self._content_targets(content)
             self.style_targets = self._blended_grams(styles, config.style_blend_weights, out_positions)
 
         self.content_layer_weights = tuple(
@@ -76,18 +73,27 @@ class StyleObjective:
             config.style_layer_weights if config.style_layer_weights is not None else
             (default_style_layer_weight(layer_channels(name)) for name in self.style_layers))
 
+    def _content_targets(self, content: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+        """P for each content layer, and the number of positions of each style layer's features
+        for an image of the content's size.  Overridden by the tiled objective."""
+        features = self.network(content)
+        targets = tuple(features[s].detach().clone() for s in self.content_slots)
+        return targets, [features[s][0, 0].numel() for s in self.style_slots]
+
+    def _style_grams(self, style: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(Gram (C, C), positions) of ``style`` at each style layer.  Overridden by the tiled objective."""
+        features = self.network(style)
+        return [(self.ops.gram(features[s])[0], features[s][0, 0].numel()) for s in self.style_slots]
+
     def _blended_grams(self, styles: Sequence[torch.Tensor], blend: Sequence[float] | None,
                        out_positions: Sequence[int]) -> tuple[torch.Tensor, ...]:
         blend = list(blend) if blend is not None else [1.0] * len(styles)
         total = float(sum(blend))
         targets: list[torch.Tensor | None] = [None] * len(self.style_slots)
         for style, share in zip(styles, blend):
-            features = self.network(style)
-            for i, slot in enumerate(self.style_slots):
-                f = features[slot]
-                term = self.ops.gram(f)[0] * ((share / total) * out_positions[i] / f[0, 0].numel())
+            for i, (gram, positions) in enumerate(self._style_grams(style)):
+                term = gram * ((share / total) * out_positions[i] / positions)
                 targets[i] = term if targets[i] is None else targets[i] + term
-            del features
         # Exactly symmetric, as a Gram is in exact arithmetic: the gradient formulas rely on it.
         return tuple(0.5 * (t + t.transpose(0, 1)) for t in targets)  # type: ignore[union-attr]
 
