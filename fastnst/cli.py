@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import BenchConfig, StyleConfig, flag_name
+from .config import BatchConfig, BenchConfig, StyleConfig, flag_name
 from .errors import FastNSTError, NonFiniteLossError, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -120,6 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(bench, BenchConfig())
     bench.set_defaults(run=_bench)
 
+    batch = commands.add_parser(
+        "batch", help="render many content x style jobs, batched, resumable, shardable with torchrun",
+        description="Render every content x style pair (or every line of --jobs) into --out. Jobs of the same "
+                    "size and options are optimised together; OUT/manifest.jsonl records finished jobs so "
+                    "that running the same command again skips them. Every stylize option sets the jobs' "
+                    "defaults.")
+    add_config_flags(batch, BatchConfig())
+    add_config_flags(batch, StyleConfig())
+    batch.set_defaults(run=_batch)
+
     plan = commands.add_parser(
         "plan", help="predicted peak memory and s/iter, untiled and tiled, and the tile --tile auto picks",
         description="Measure the step at two small sizes on the device, then predict peak memory and seconds "
@@ -221,6 +231,63 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
              f"{'on' if result.cuda_graph else 'off'}, {tiles}{processes}, skipped fp16 steps "
              f"{result.skipped_steps}, peak memory {memory} ({source})")
     return 0
+
+
+def _batch(args: argparse.Namespace) -> int:
+    from . import distributed
+
+    batch_config = BatchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BatchConfig)})
+    batch_config.validate()
+    config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)})
+    config.validate()
+    shard = distributed.from_environment(config.device)
+    try:
+        return _batch_with(batch_config, config, shard)
+    finally:
+        distributed.close(shard)
+
+
+def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
+    from pathlib import Path
+
+    from . import batch
+    from .devices import resolve_device, run_metadata
+    from .files import check_writable
+    from .precision import resolve_precision
+
+    main_rank = shard is None or shard.is_main
+    out = Path(batch_config.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot create '{out}' ({exc.strerror or exc})") from None
+    check_writable(out / "manifest.jsonl", UsageError)
+    jobs = batch.jobs_from_file(batch_config, config) if batch_config.jobs else \
+        batch.jobs_from_pairs(batch_config, config)
+    device = shard.device if shard is not None else resolve_device(config.device)
+    mine = jobs if shard is None else [job for job in jobs if batch.rank_of(job, shard.world) == shard.rank]
+    talk = main_rank and not config.quiet
+    with _InterruptFlag() as stop:
+        summary = batch.run_batch(mine, batch_config, device, notify=_say if talk else (lambda message: None),
+                                  should_stop=stop, progress=talk)
+    if shard is not None:
+        summary = batch.merge_summaries(shard.gather(summary))
+    if not main_rank:
+        return EXIT_INTERRUPTED if summary.interrupted else (1 if summary.failed else 0)
+    report = batch.throughput(summary, run_metadata()["device"], resolve_precision(config.precision, device))
+    batch.Manifest(out).append({"summary": report, "jobs": len(jobs),
+                                "processes": 1 if shard is None else shard.world})
+    for failure in summary.failed:
+        _say(f"failed: {failure.job}: {failure.error}")
+    utilisation = f", {report['utilisation']:.0%} of peak" if report["utilisation"] is not None else ""
+    _say(f"{report['images']} rendered, {report['failed']} failed, {report['skipped']} already done "
+         f"(of {len(jobs)} jobs) in {report['seconds']:.1f} s: {report['images_per_second']:.3f} images/s, "
+         f"{report['megapixel_iterations_per_second']:.2f} megapixel-iterations/s, "
+         f"{report['model_tflops']:.2f} model TFLOP/s{utilisation}")
+    if summary.interrupted:
+        _say("interrupted: the batch in flight was not written; run the same command again to finish")
+        return EXIT_INTERRUPTED
+    return 1 if summary.failed else 0
 
 
 def _plan(args: argparse.Namespace) -> int:

@@ -301,3 +301,48 @@ class BenchConfig:
         if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not '{self.device}'")
         return self
+
+
+@dataclass
+class BatchConfig:
+    """Options of ``fastnst batch`` beyond the stylisation options (which StyleConfig holds and
+    every job inherits unless its line in --jobs overrides them)."""
+
+    content: tuple[str, ...] | None = option(None, "content images: files, folders (their images) or glob "
+                                             "patterns", metavar="PATH", many=True)
+    style: tuple[str, ...] | None = option(None, "style images; every content x style pair is a job",
+                                           metavar="FILE", many=True)
+    jobs: str | None = option(None, "a JSON-lines file, one job per line: {\"content\": ..., \"style\": ... "
+                              "or [...], optional \"name\" and any stylize option, e.g. \"size\", \"seed\"}",
+                              metavar="FILE")
+    out: str | None = option(None, "output folder (created if missing); also holds manifest.jsonl",
+                             metavar="DIR")
+    variations: int = option(1, "noise-initialised variants of each job, with seeds seed, seed+1, ...",
+                             metavar="K", minimum=1, maximum=10_000)
+    name: str | None = option(None, "output name template with {content} {style} {variation} {seed} {size} "
+                              "(default: {content}__{style}.png, with __v{variation} when K > 1); the "
+                              "extension picks the format", metavar="TEMPLATE")
+    batch_size: str = option("auto", "images optimised together: a number, or auto (as many as fit the "
+                             "free memory, at most 16)", metavar="N|auto")
+    force: bool = option(False, "render jobs again even if the manifest says they are done")
+
+    def __post_init__(self) -> None:
+        for name in ("content", "style"):
+            value = getattr(self, name)
+            if isinstance(value, (list, str)):
+                setattr(self, name, tuple(value) if isinstance(value, list) else (value,))
+        if isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool):
+            self.batch_size = str(self.batch_size)
+
+    def validate(self) -> "BatchConfig":
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        if not self.out:
+            raise ConfigError("--out DIR is required")
+        if self.jobs is None and not (self.content and self.style):
+            raise ConfigError("give --content and --style, or --jobs FILE")
+        if self.jobs is not None and (self.content or self.style):
+            raise ConfigError("give --jobs FILE or --content/--style, not both")
+        if self.batch_size != "auto" and (not self.batch_size.isdigit() or int(self.batch_size) < 1):
+            raise ConfigError(f"--batch-size must be auto or a whole number >= 1, not '{self.batch_size}'")
+        return self

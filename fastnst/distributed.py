@@ -40,6 +40,12 @@ class Shard:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), on every rank, in rank order."""
+        values = [None] * self.world
+        dist.all_gather_object(values, value)
+        return values
+
     def any(self, flag: bool) -> bool:
         """True on every rank if it is true on one (so all ranks stop together on Ctrl-C)."""
         value = torch.tensor([1.0 if flag else 0.0], device=self.device)

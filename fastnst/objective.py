@@ -44,12 +44,20 @@ def total_variation(image: torch.Tensor) -> torch.Tensor:
 
 
 class StyleObjective:
-    """Holds the targets P_c and A_l and evaluates the loss of an image of the content's size."""
+    """Holds the targets P_c and A_l and evaluates the loss of an image of the content's size.
 
-    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence[torch.Tensor],
-                 config: StyleConfig):
+    ``content`` is (B, 3, H, W).  ``styles`` is a list of style images shared by every sample, or,
+    for a batch of different jobs, a list of B such lists (one per sample); then the targets are
+    (B, C, C) and every sample is optimised towards its own.  The loss is the sum over samples, and
+    samples never interact, so each one's gradient is that of its own objective.
+    """
+
+    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: StyleConfig):
         if not styles:
             raise ValueError("at least one style image is needed")
+        per_sample = isinstance(styles[0], (list, tuple))
+        if per_sample and len(styles) != content.shape[0]:
+            raise ValueError(f"{len(styles)} style lists for a batch of {content.shape[0]} content images")
         layers = network.layers
         self.network = network
         # The kernels (Triton or the PyTorch twins) are chosen once, for the content's device.
@@ -64,7 +72,11 @@ class StyleObjective:
 
         with torch.no_grad():
             self.content_targets, out_positions = self._content_targets(content)
-            self.style_targets = self._blended_grams(styles, config.style_blend_weights, out_positions)
+            if per_sample:
+                targets = [self._blended_grams(own, config.style_blend_weights, out_positions) for own in styles]
+                self.style_targets = tuple(torch.stack(layer) for layer in zip(*targets))
+            else:
+                self.style_targets = self._blended_grams(styles, config.style_blend_weights, out_positions)
 
         self.content_layer_weights = tuple(
             config.content_layer_weights if config.content_layer_weights is not None else
@@ -112,6 +124,23 @@ class StyleObjective:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """The total loss, an fp32 scalar."""
         return sum(value * weight for _, value, weight in self._weighted_terms(image))
+
+    @torch.no_grad()
+    def per_sample_losses(self, image: torch.Tensor) -> list[float]:
+        """The total loss of each sample of a batch (for reports; one forward, no gradient)."""
+        features = self.network(image)
+        losses = []
+        for b in range(image.shape[0]):
+            loss = 0.0
+            for slot, target, v in zip(self.content_slots, self.content_targets, self.content_layer_weights):
+                loss += float(self.ops.content_loss(features[slot][b:b + 1], target[b:b + 1])) * self.alpha * v
+            for slot, target, w in zip(self.style_slots, self.style_targets, self.style_layer_weights):
+                own = target[b] if target.dim() == 3 else target
+                loss += float(self.ops.style_loss(features[slot][b:b + 1], own)) * self.beta * w
+            if self.tv_weight:
+                loss += float(total_variation(image[b:b + 1])) * self.tv_weight
+            losses.append(loss)
+        return losses
 
     def terms(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each unweighted term (``content:<layer>``, ``style:<layer>``, ``tv`` if on) and ``total``."""

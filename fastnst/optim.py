@@ -26,7 +26,41 @@ def state_dtype(image: torch.Tensor) -> torch.dtype:
 
 
 class LBFGS:
-    """Limited-memory BFGS with a fixed step (no line search), as in torch.optim.LBFGS.
+    """L-BFGS for a batch of images (B, ...): every sample has its own history and step sizes.
+
+    Samples never mix: sample b is stepped by its own ``_SampleLBFGS`` on a view of image[b], with
+    the same operations whether it is rendered alone or in a batch, so a batched render gives each
+    image exactly the result of rendering it alone (tests/test_batch.py).
+    """
+
+    def __init__(self, image: torch.Tensor, lr: float = 1.0, history: int = 20):
+        if not image.is_contiguous():
+            raise ValueError("the image must be contiguous (L-BFGS steps flat views of its samples)")
+        self.history = int(history)
+        self.samples = [_SampleLBFGS(image[b].numel(), image.device, state_dtype(image), lr, history)
+                        for b in range(image.shape[0])]
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(sample.state_bytes for sample in self.samples)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for sample in self.samples for t in sample.state_tensors()]
+
+    def reset(self) -> None:
+        for sample in self.samples:
+            sample.reset()
+
+    @torch.no_grad()
+    def update(self, image: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Step every sample of ``image`` in place.  ``ok`` (a device bool from fp16 loss scaling)
+        False means the gradient overflowed: then nothing changes, neither images nor histories."""
+        for b, sample in enumerate(self.samples):
+            sample.update(image[b].view(-1), grad[b].reshape(-1), ok)
+
+
+class _SampleLBFGS:
+    """Limited-memory BFGS of one flat vector, fixed step (no line search), as torch.optim.LBFGS.
 
     Matches ``torch.optim.LBFGS(lr, history_size=m, line_search_fn=None)`` step for step: the first
     step is scaled by min(1, 1/|g|_1), later steps use ``lr``; pairs with s.y <= 1e-10 are skipped;
@@ -36,8 +70,7 @@ class LBFGS:
     run never stalls.
     """
 
-    def __init__(self, image: torch.Tensor, lr: float = 1.0, history: int = 20):
-        n, device, dtype = image.numel(), image.device, state_dtype(image)
+    def __init__(self, n: int, device: torch.device, dtype: torch.dtype, lr: float = 1.0, history: int = 20):
         self.lr, self.history = float(lr), int(history)
         self.s = torch.zeros(history, n, device=device, dtype=dtype)  # steps x_{k+1} - x_k
         self.y = torch.zeros(history, n, device=device, dtype=dtype)  # gradient changes g_{k+1} - g_k
@@ -55,6 +88,9 @@ class LBFGS:
         """Device memory held by the optimiser state."""
         return sum(t.numel() * t.element_size() for t in (self.s, self.y, self.last_step, self.last_grad))
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.s, self.y, self.rho, self.last_step, self.last_grad, self.gamma, self.pairs, self.started]
+
     def reset(self) -> None:
         """Back to the freshly built state (used after warm-up iterations)."""
         for t in (self.s, self.y, self.rho, self.last_step, self.last_grad, self.pairs):
@@ -62,11 +98,9 @@ class LBFGS:
         self.gamma.fill_(1.0)
         self.started.fill_(False)
 
-    @torch.no_grad()
-    def update(self, image: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
-        """Step ``image`` in place.  ``ok`` (a device bool from fp16 loss scaling) False means the
-        gradient overflowed: then nothing changes, neither the image nor the history."""
-        g = grad.detach().reshape(-1).to(self.last_grad.dtype)
+    def update(self, flat_image: torch.Tensor, flat_grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """Step ``flat_image`` (a 1-D view) in place; see LBFGS.update for ``ok``."""
+        g = flat_grad.detach().to(self.last_grad.dtype)
         self._remember(g, ok)
         direction = self._two_loop(g)
         bad = torch.dot(g, direction) >= 0  # not a descent direction (numerical breakdown): restart
@@ -78,15 +112,14 @@ class LBFGS:
         fresh = ~self.started | bad
         first_step = torch.clamp(1.0 / g.abs().sum(), max=1.0) * self.lr
         step_size = torch.where(fresh, first_step, torch.full_like(first_step, self.lr))
-        flat_image = image.view(-1)
         if ok is None:
             torch.mul(direction, step_size, out=self.last_step)
-            flat_image.add_(self.last_step.to(image.dtype))
+            flat_image.add_(self.last_step.to(flat_image.dtype))
             self.last_grad.copy_(g)
             self.started.fill_(True)
         else:  # where(), not multiplication by ok: an overflowed step holds inf and NaN
             step = direction * step_size
-            flat_image.add_(torch.where(ok, step, 0.0).to(image.dtype))
+            flat_image.add_(torch.where(ok, step, 0.0).to(flat_image.dtype))
             self.last_step.copy_(torch.where(ok, step, self.last_step))
             self.last_grad.copy_(torch.where(ok, g, self.last_grad))
             self.started |= ok
@@ -169,9 +202,12 @@ class Adam:
     def state_bytes(self) -> int:
         return 2 * self.exp_avg.numel() * self.exp_avg.element_size()
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.exp_avg, self.exp_avg_sq, self.steps]
+
     def reset(self) -> None:
         """Back to the freshly built state (used after warm-up iterations)."""
-        for t in (self.exp_avg, self.exp_avg_sq, self.steps):
+        for t in self.state_tensors():
             t.zero_()
 
     @torch.no_grad()

@@ -39,11 +39,11 @@ def _torch_lbfgs_trajectory(loss_fn, x0, steps, lr, history):
 
 
 def _our_trajectory(loss_fn, x0, steps, lr, history):
-    x = x0.clone().requires_grad_(True)
+    x = x0.clone().unsqueeze(0).requires_grad_(True)  # a batch of one
     opt = LBFGS(x, lr=lr, history=history)
-    step = make_step(loss_fn, opt)
+    step = make_step(lambda batch: loss_fn(batch[0]), opt)
     losses = [step(x).item() for _ in range(steps)]
-    return x.detach(), losses
+    return x.detach()[0], losses
 
 
 @pytest.mark.parametrize("history", [3, 10])

@@ -1,0 +1,446 @@
+"""Batch rendering: many jobs, stacked along the batch dimension, resumable, shardable.
+
+A job is one output image: a content image, its style image(s) and its options.  Jobs whose output
+size and options agree (the seed and the initialisation may differ) share a bucket and are
+optimised together, ``batch_size`` at a time, in one VGG pass: each sample has its own targets,
+its own noise and, for L-BFGS, its own history, so each output is what rendering it alone gives.
+
+Every finished job is recorded in ``OUT/manifest.jsonl`` (one JSON line, appended and flushed as it
+happens; one ``write`` per line, so lines from several processes never interleave on a local file
+system) and its image written atomically, so a kill loses only the batch in flight; running the
+same command again skips finished jobs.  Under torchrun each rank takes the jobs whose id hashes
+to it, whatever the world size, so a rerun with another world size still skips finished work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .config import BatchConfig, StyleConfig
+from .errors import ConfigError, FastNSTError, ImageError
+from .images import SAVE_FORMATS, image_to_tensor, load_image, resized, save_image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
+MAX_AUTO_BATCH = 16  # beyond this, a bigger batch no longer raises images/s (one image fills little)
+# Dense peak rates (TFLOP/s) for the utilisation estimate; baselines.md, datasheets.
+PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 67}, "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
+               "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5}}
+
+
+@dataclass
+class Job:
+    id: str  # the output file name: unique in the output folder, stable across runs
+    content: str
+    styles: tuple[str, ...]
+    config: StyleConfig
+    output: Path
+
+
+@dataclass
+class Outcome:
+    job: str
+    status: str  # done | failed
+    output: str | None = None
+    seconds: float | None = None
+    loss: float | None = None
+    error: str | None = None
+    size: tuple[int, int] | None = None  # (width, height)
+    iterations: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Summary:
+    outcomes: list[Outcome] = field(default_factory=list)
+    skipped: int = 0  # finished in an earlier run
+    seconds: float = 0.0
+    megapixel_iterations: float = 0.0
+    model_flops: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "failed"]
+
+    @property
+    def done(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "done"]
+
+
+# --------------------------------------------------------------------------------------------
+# Job lists
+
+
+def expand_contents(items: tuple[str, ...]) -> list[str]:
+    """Files as given, folders as their images (sorted), glob patterns as their matches (sorted)."""
+    paths: list[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ConfigError(f"--content: folder '{item}' holds no images")
+            paths += found
+        elif any(ch in item for ch in "*?["):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise ConfigError(f"--content: no file matches '{item}'")
+            paths += found
+        else:
+            paths.append(item)  # a missing file becomes a failed job, reported with the others
+    return paths
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _stem(path: str) -> str:
+    """A file stem safe in a file name: odd characters become '_', no leading dots."""
+    return _UNSAFE.sub("_", Path(path).stem).lstrip(".") or "image"
+
+
+def output_name(template: str, content: str, styles: tuple[str, ...], variation: int, config: StyleConfig) -> str:
+    """The output file name of a job; never a path, so it cannot leave the output folder."""
+    try:
+        name = template.format(content=_stem(content), style="+".join(_stem(s) for s in styles),
+                               variation=variation, seed=config.seed, size=config.size)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"--name template '{template}' is invalid ({exc})") from None
+    return check_plain_name(name, "--name")
+
+
+def check_plain_name(name: str, what: str) -> str:
+    if not name or os.sep in name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ConfigError(f"{what}: '{name}' must be a plain file name (no folders, not hidden)")
+    if Path(name).suffix.lower() not in SAVE_FORMATS:
+        raise ConfigError(f"{what}: '{name}' needs an image extension ({', '.join(sorted(SAVE_FORMATS))})")
+    return name
+
+
+def default_template(variations: int) -> str:
+    return "{content}__{style}__v{variation}.png" if variations > 1 else "{content}__{style}.png"
+
+
+def jobs_from_pairs(batch: BatchConfig, config: StyleConfig) -> list[Job]:
+    template = batch.name or default_template(batch.variations)
+    out = Path(batch.out)
+    jobs = []
+    for content in expand_contents(batch.content):
+        for style in batch.style:
+            jobs += _variants(content, (style,), config, batch.variations, template, out)
+    return _unique(jobs)
+
+
+def jobs_from_file(batch: BatchConfig, config: StyleConfig) -> list[Job]:
+    """One job per non-empty line of --jobs: {"content", "style" (or a list), "name"?, options...}."""
+    path = Path(batch.jobs)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--jobs: cannot read '{path}' ({exc.strerror or exc})") from None
+    out, jobs = Path(batch.out), []
+    fields = {f.name for f in dataclasses.fields(StyleConfig)}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"--jobs line {number}"
+        try:
+            entry = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: not JSON ({exc})") from None
+        if not isinstance(entry, dict) or "content" not in entry or not (entry.get("style") or entry.get("styles")):
+            raise ConfigError(f"{where}: needs \"content\" and \"style\"")
+        styles = entry.get("style", entry.get("styles"))
+        styles = tuple(styles) if isinstance(styles, list) else (styles,)
+        options = {k: v for k, v in entry.items() if k not in ("content", "style", "styles", "name")}
+        unknown = sorted(set(options) - fields)
+        if unknown:
+            raise ConfigError(f"{where}: unknown option '{unknown[0]}'")
+        try:
+            job_config = config.replace(**options).validate(n_styles=len(styles))
+        except FastNSTError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        if "name" in entry:
+            name = check_plain_name(str(entry["name"]), f"{where} \"name\"")
+            jobs += _variants(str(entry["content"]), styles, job_config, batch.variations,
+                              _with_variation(name, batch.variations), out)
+        else:
+            jobs += _variants(str(entry["content"]), styles, job_config, batch.variations,
+                              batch.name or default_template(batch.variations), out)
+    return _unique(jobs)
+
+
+def _with_variation(name: str, variations: int) -> str:
+    if variations == 1:
+        return name.replace("{", "{{").replace("}", "}}")
+    stem, suffix = os.path.splitext(name.replace("{", "{{").replace("}", "}}"))
+    return f"{stem}__v{{variation}}{suffix}"
+
+
+def _variants(content, styles, config, variations, template, out) -> list[Job]:
+    jobs = []
+    for variation in range(variations):
+        job_config = config.replace(seed=config.seed + variation) if variations > 1 else config
+        name = output_name(template, content, styles, variation, job_config)
+        jobs.append(Job(id=name, content=content, styles=styles, config=job_config, output=out / name))
+    return jobs
+
+
+def _unique(jobs: list[Job]) -> list[Job]:
+    seen: dict[str, Job] = {}
+    for job in jobs:
+        if job.id in seen:
+            raise ConfigError(f"two jobs would write '{job.id}' ({seen[job.id].content} and {job.content}); "
+                              f"use a --name template that tells them apart")
+        seen[job.id] = job
+    return jobs
+
+
+def rank_of(job: Job, world: int) -> int:
+    """The rank that renders ``job``: a hash of its id, stable across runs and world sizes."""
+    return int(hashlib.sha1(job.id.encode()).hexdigest(), 16) % world
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+class Manifest:
+    """OUT/manifest.jsonl: one line per finished (or failed) job, appended as it happens."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / "manifest.jsonl"
+
+    def finished(self) -> set[str]:
+        """Ids of jobs recorded as done whose output file still exists."""
+        done = set()
+        if not self.path.exists():
+            return done
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a kill mid-write: that job simply runs again
+            job = record.get("job")
+            if record.get("status") == "done" and job and (self.path.parent / job).exists():
+                done.add(job)
+        return done
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, sort_keys=True) + "\n").encode()
+        handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            os.write(handle, data)  # one write: appends from several processes do not interleave
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def _probe_size(path: str) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header alone."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+            return width, height
+    except Exception:
+        load_image(path)  # raises the one-line ImageError stylize would give
+        raise ImageError(f"'{path}' cannot be read") from None
+
+
+def output_size(job: Job) -> tuple[int, int]:
+    width, height = _probe_size(job.content)
+    scale = job.config.size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def bucket_key(job: Job, size: tuple[int, int]) -> tuple:
+    """Jobs batch together when their output size and options agree, seed and init aside."""
+    options = dataclasses.asdict(job.config.replace(seed=0, init="noise", quiet=True, verbose=False, save_every=0))
+    return size, json.dumps(options, sort_keys=True, default=str)
+
+
+def auto_batch_size(config: StyleConfig, device: torch.device, width: int, height: int, jobs: int) -> int:
+    """As many images as the planner says fit the free memory (at most MAX_AUTO_BATCH)."""
+    from .plan import SAFETY, calibrate, free_bytes
+
+    free = free_bytes(device)
+    if not free:
+        return 1
+    model = calibrate(config, device)
+    fit = int((SAFETY * free - model.fixed_bytes) // max(model.bytes_per_pixel * width * height, 1))
+    return max(1, min(fit, MAX_AUTO_BATCH, jobs))
+
+
+def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, notify: Callable[[str], None],
+              should_stop: Callable[[], bool] = lambda: False, stop_after_batches: int | None = None,
+              progress: bool = True) -> Summary:
+    """Render ``jobs`` (this rank's share) into batch.out; see the module docstring."""
+    out = Path(batch.out)
+    manifest = Manifest(out)
+    finished = set() if batch.force else manifest.finished()
+    summary = Summary(skipped=sum(job.id in finished for job in jobs))
+    started = time.perf_counter()
+    buckets: dict[tuple, list[Job]] = {}
+    for job in jobs:
+        if job.id in finished:
+            continue
+        try:
+            size = output_size(job)
+        except FastNSTError as exc:
+            _fail(summary, manifest, job, str(exc))
+            continue
+        buckets.setdefault(bucket_key(job, size), []).append(job)
+    batches_run = 0
+    for (size, _), members in buckets.items():
+        config = members[0].config
+        per_batch = (int(batch.batch_size) if batch.batch_size != "auto"
+                     else auto_batch_size(config, device, size[0], size[1], len(members)))
+        for start in range(0, len(members), per_batch):
+            if should_stop() or (stop_after_batches is not None and batches_run >= stop_after_batches):
+                summary.interrupted = True
+                break
+            _render_batch(members[start:start + per_batch], size, device, summary, manifest, notify, progress,
+                          should_stop)
+            batches_run += 1
+            if summary.interrupted:
+                break
+        if summary.interrupted:
+            break
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _fail(summary: Summary, manifest: Manifest, job: Job, error: str) -> None:
+    outcome = Outcome(job=job.id, status="failed", error=error)
+    summary.outcomes.append(outcome)
+    manifest.append(dataclasses.asdict(outcome))
+
+
+def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, summary: Summary,
+                  manifest: Manifest, notify, progress: bool, should_stop) -> None:
+    """Load, optimise and write one batch; a job whose inputs fail to load is dropped from it."""
+    from .api import _check_fits
+    from .bench import model_flops
+    from .engine import initial_image, optimise, prepare
+    from .objective import feature_layers
+    from .precision import resolve_precision
+
+    config = jobs[0].config
+    layers = feature_layers(config)
+    contents, styles, ready = [], [], []
+    for job in jobs:
+        try:
+            content = resized(load_image(job.content), config.size)
+            if content.size != size:
+                raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
+            style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale)))
+                            for s in job.styles]
+            _check_fits(content, layers, "content image")
+            for image in style_images:
+                _check_fits(image, layers, "style image")
+        except FastNSTError as exc:
+            _fail(summary, manifest, job, str(exc))
+            continue
+        contents.append(image_to_tensor(content))
+        styles.append([image_to_tensor(image).to(device) for image in style_images])
+        ready.append(job)
+    if not ready:
+        return
+    content = torch.cat(contents).to(device)
+    start = torch.cat([initial_image(job.config.init, content[b:b + 1], styles[b][0], job.config.seed)
+                       for b, job in enumerate(ready)])
+    precision = resolve_precision(config.precision, device)
+    graphed = device.type == "cuda" and config.cuda_graph
+    began = time.perf_counter()
+    try:
+        network = _network(config, device)
+        run = prepare(network, content, styles, config, precision, graphed, start=start)
+        result = optimise(run.step, run.image, config.iterations, report_every=config.report_every,
+                          progress=progress, should_stop=should_stop,
+                          label=f"batch of {len(ready)} at {size[0]}x{size[1]}")
+    except (FastNSTError, torch.cuda.OutOfMemoryError, RuntimeError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            message = f"out of memory with a batch of {len(ready)}; use a smaller --batch-size"
+        for job in ready:
+            _fail(summary, manifest, job, message)
+        return
+    if result.interrupted:
+        summary.interrupted = True  # the batch in flight is not written; a rerun redoes it
+        return
+    seconds = time.perf_counter() - began
+    losses = run.objective.per_sample_losses(run.image.detach())
+    for b, job in enumerate(ready):
+        try:
+            save_image(result.image[b], job.output)
+        except FastNSTError as exc:
+            _fail(summary, manifest, job, str(exc))
+            continue
+        outcome = Outcome(job=job.id, status="done", output=str(job.output), seconds=seconds / len(ready),
+                          loss=losses[b], size=size, iterations=result.iterations, batch=len(ready))
+        summary.outcomes.append(outcome)
+        manifest.append(dataclasses.asdict(outcome))
+    pixels = size[0] * size[1]
+    summary.megapixel_iterations += len(ready) * pixels * result.iterations / 1e6
+    summary.model_flops += len(ready) * model_flops(size[1], size[0]) * result.iterations
+    notify(f"batch of {len(ready)} at {size[0]}x{size[1]}: {seconds:.1f} s, "
+           f"{len(ready) / seconds:.2f} images/s")
+
+
+_NETWORKS: dict[tuple, torch.nn.Module] = {}
+
+
+def _network(config: StyleConfig, device: torch.device):
+    """The VGG of a configuration, built once per run and reused by every batch that needs it."""
+    from .config import RANDOM_WEIGHTS_SEED
+    from .objective import feature_layers
+    from .vgg import VGGFeatures, load_weights
+
+    key = (config.weights, config.pooling, feature_layers(config), str(device))
+    if key not in _NETWORKS:
+        weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
+        _NETWORKS[key] = VGGFeatures(feature_layers(config), weights, pooling=config.pooling).to(device)
+    return _NETWORKS[key]
+
+
+def throughput(summary: Summary, device_name: str, precision: str) -> dict:
+    """images/s, megapixel-iterations/s and, for known GPUs, the share of peak by the cost model."""
+    seconds = max(summary.seconds, 1e-9)
+    report = {"images": len(summary.done), "failed": len(summary.failed), "skipped": summary.skipped,
+              "seconds": summary.seconds, "images_per_second": len(summary.done) / seconds,
+              "megapixel_iterations_per_second": summary.megapixel_iterations / seconds,
+              "model_tflops": summary.model_flops / seconds / 1e12, "utilisation": None}
+    for name, peaks in PEAK_TFLOPS.items():
+        if name in device_name and precision in peaks:
+            report["utilisation"] = report["model_tflops"] / peaks[precision]
+    return report
+
+
+def merge_summaries(summaries: list[Summary]) -> Summary:
+    merged = Summary()
+    for s in summaries:
+        merged.outcomes += s.outcomes
+        merged.skipped += s.skipped
+        merged.seconds = max(merged.seconds, s.seconds)
+        merged.megapixel_iterations += s.megapixel_iterations
+        merged.model_flops += s.model_flops
+        merged.interrupted |= s.interrupted
+    return merged
+
