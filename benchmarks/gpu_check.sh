@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One-shot GPU validation, most valuable first, each stage under a time limit so the whole script
-# ends within about 11 minutes of device time (timeouts add up to 640 s):
+# ends within about 13 minutes of device time (timeouts add up to 760 s; expect far less):
 #   1. the GPU-marked tests and the kernel tests compiled for CUDA      (<= 150 s)
 #   2. fastnst bench: 512/1024/2048 px, L-BFGS and Adam, ablations, reference, plot (<= 150 s),
 #      then the largest image that fits, fast path and reference        (<=  90 s)
 #   3. the kernel benchmark (Triton vs the PyTorch twins, with floors)  (<=  80 s)
 #   4. fp32-eager step timing and a profiler summary of the bf16 step   (<=  50 s)
 #   5. an 8192 px image, tiled automatically, 10 Adam iterations        (<= 120 s)
+#   6. batch mode vs a loop of single renders at 512 px                 (<= 120 s)
 # Writes everything to DIR (default benchmarks/results/) and prints a short summary last.
 # Runs from the source tree (PYTHONPATH=.), installs nothing.
 #
@@ -48,10 +49,15 @@ timeout 120 python -m fastnst stylize examples/tubingen.jpg examples/starry_nigh
     --weights random --size 8192 --iterations 10 --optimizer adam --tile auto --verbose \
     > "$out/large-$gpu-$stamp.txt" 2>&1 || status=1
 
+echo "== 6. batch mode against a loop of single renders, 512 px"
+timeout 120 python benchmarks/bench_batch.py --size 512 --jobs 16 --batch-size 8 --iterations 20 \
+    --json "$out/batch-$gpu-$stamp.json" > "$out/batch-$gpu-$stamp.txt" 2>&1 || status=1
+
 echo "== summary ($gpu, $stamp, exit $status)"
 head -n 4 "$out/info-$gpu-$stamp.txt"
 grep -E "^headline|^ size| fast | reference |^largest" "$out/bench-$gpu-$stamp.txt" | head -n 30
 grep -E "^measured|^launch|^ 1024 .* bf16 +channels_last" "$out/kernels-$gpu-$stamp.txt" | head -n 16
 head -n 5 "$out/step-$gpu-$stamp.txt"
 grep "fastnst:" "$out/large-$gpu-$stamp.txt" | tail -n 4
+tail -n 2 "$out/batch-$gpu-$stamp.txt"
 exit $status

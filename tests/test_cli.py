@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from fastnst.cli import build_parser, checkpoint_path, config_flag, main
-from fastnst.config import StyleConfig
+from fastnst.config import BatchConfig, BenchConfig, StyleConfig
 
 from .conftest import random_image
 
@@ -155,7 +155,7 @@ def test_version_and_help_exit_zero(argv, capsys):
 
 def test_readme_documents_every_flag():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for f in dataclasses.fields(StyleConfig):
+    for f in (*dataclasses.fields(StyleConfig), *dataclasses.fields(BatchConfig), *dataclasses.fields(BenchConfig)):
         assert f"`{config_flag(f)}" in readme, config_flag(f)
     assert 'pip install -e ".[test]" && pytest' in readme
 
