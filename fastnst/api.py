@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from PIL import Image
 
-from . import kernels
+from . import color, kernels
 from .config import RANDOM_WEIGHTS_SEED, StyleConfig
 from .devices import resolve_device
 from .engine import RunResult, optimise, prepare
@@ -64,6 +64,8 @@ def render(content, styles, config: StyleConfig | None = None, *,
     layers = feature_layers(config)
     content_source = load_image(content)
     style_sources = [load_image(style) for style in styles]
+    masks = _masks(config, len(styles))
+    log = _loss_log(config.log)
     sizes = config.scale_sizes()
     for size in sizes:  # every scale must keep one feature position at the deepest layer
         _check_fits(resized(content_source, size), layers, f"content image at {size} px")
@@ -83,16 +85,20 @@ def render(content, styles, config: StyleConfig | None = None, *,
         style_images = [resized(image, max(1, round(size * config.style_scale))) for image in style_sources]
         start = _upsampled(previous, content_image.size) if previous is not None else None
         label = f"{size} px" + (f" ({index + 1}/{len(sizes)})" if len(sizes) > 1 else "")
-        offset = done
+        offset, original = done, image_to_tensor(content_image)
 
-        def scale_checkpoint(iteration, image, offset=offset):
+        def scale_checkpoint(iteration, image, offset=offset, original=original):
             if checkpoint is not None:
-                checkpoint(offset + iteration, image)
+                checkpoint(offset + iteration, color.finish(config.preserve_color, image, original))
+
+        def on_loss(iteration, loss, offset=offset, size=size):
+            if log is not None:
+                log({"iteration": offset + iteration, "loss": loss, "size": size})
 
         try:
             result, tile = _run_scale(network, content_image, style_images, config, device, precision,
                                       config.iterations_at(index), start, label, scale_checkpoint,
-                                      should_stop, notify, shard)
+                                      should_stop, notify, shard, masks, on_loss)
         except NonFiniteLossError as exc:
             if precision == "fp16":
                 exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
@@ -102,9 +108,11 @@ def render(content, styles, config: StyleConfig | None = None, *,
         tiles_used.append(tile)
         results.append(result)
         done += result.iterations
-        previous = result.image
+        previous = result.image  # the next scale continues in the space the transfer runs in
         if result.interrupted:
             break
+    results[-1] = dataclasses.replace(results[-1], image=color.finish(config.preserve_color, results[-1].image,
+                                                                      original))
     graphed = device.type == "cuda" and config.cuda_graph and all(t is None for t in tiles_used)
     return dataclasses.replace(_merge(results), device=str(device), precision=precision, backend=backend,
                                cuda_graph=graphed, tile=tiles_used[-1], peak_memory_bytes=peak_memory_bytes(device))
@@ -135,14 +143,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _run_scale(network, content_image, style_images, config, device, precision, iterations, start, label,
-               checkpoint, should_stop, notify, shard) -> tuple[RunResult, int | None]:
+               checkpoint, should_stop, notify, shard, masks, on_loss) -> tuple[RunResult, int | None]:
     """Optimise at one scale; an untiled run out of memory falls back to tiles once, saying so."""
     tile = _tile_for(config, content_image, device, notify)
     width, height = content_image.size
     while True:
         try:
             result = _optimise(network, content_image, style_images, config, device, precision, tile,
-                               iterations, start, label, checkpoint, should_stop, shard)
+                               iterations, start, label, checkpoint, should_stop, shard, masks, on_loss)
             return result, tile
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
             if not _is_out_of_memory(exc):
@@ -158,6 +166,51 @@ def _run_scale(network, content_image, style_images, config, device, precision, 
         tile = auto_tile(calibrate(config, device), height, width, free_bytes(device) or 0) or \
             max(ALIGN, max(width, height) // 2 // ALIGN * ALIGN)
         notify(f"out of memory untiled at {width}x{height} px; retrying once with --tile {tile}")
+
+
+def _loss_log(path: str | None):
+    """A writer appending one JSON line per loss read to ``path`` (checked now, before any work)."""
+    if path is None:
+        return None
+    import json
+    import time
+
+    from .files import check_writable
+
+    check_writable(path, ConfigError)
+    started = time.perf_counter()
+
+    def write(record: dict) -> None:
+        record["seconds"] = round(time.perf_counter() - started, 4)
+        with open(path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    return write
+
+
+def _masks(config: StyleConfig, n_styles: int):
+    """The spatial-control masks as grey images: (content masks, style masks), or None."""
+    if not config.content_mask and not config.style_mask:
+        return None
+    content = [load_image(path).convert("L") for path in config.content_mask] if config.content_mask else None
+    style = [load_image(path).convert("L") for path in config.style_mask] if config.style_mask else [None] * n_styles
+    return content, style
+
+
+def _regions_at(masks, content_image: Image.Image, style_images, device):
+    """Masks resized to this scale's content and style images, as (1, 1, H, W) tensors in [0, 1]."""
+    if masks is None:
+        return None, None
+
+    def tensor(mask: Image.Image, like: Image.Image) -> torch.Tensor:
+        grey = mask.resize(like.size, Image.Resampling.BILINEAR)
+        return image_to_tensor(grey.convert("RGB"))[:, :1].to(device)
+
+    content_masks, style_masks = masks
+    regions = [tensor(m, content_image) for m in content_masks] if content_masks else \
+        [torch.ones(1, 1, content_image.size[1], content_image.size[0], device=device) for _ in style_images]
+    style_regions = [None if m is None else tensor(m, image) for m, image in zip(style_masks, style_images)]
+    return regions, style_regions
 
 
 def _release(device: torch.device) -> None:
@@ -188,16 +241,19 @@ def _tile_for(config: StyleConfig, content_image: Image.Image, device: torch.dev
 
 
 def _optimise(network, content_image, style_images, config, device, precision, tile, iterations, start,
-              label, checkpoint, should_stop, shard) -> RunResult:
+              label, checkpoint, should_stop, shard, masks=None, on_loss=None) -> RunResult:
     """Build the run at one scale on ``device``, then optimise."""
     content = image_to_tensor(content_image).to(device)
     styles = [image_to_tensor(image).to(device) for image in style_images]
+    content, styles = color.prepare_inputs(config.preserve_color, content, styles)
+    regions, style_regions = _regions_at(masks, content_image, style_images, device)
     graphed = device.type == "cuda" and config.cuda_graph and tile is None
-    run = prepare(network, content, styles, config, precision, graphed, tile=tile, start=start, shard=shard)
+    run = prepare(network, content, styles, config, precision, graphed, tile=tile, start=start, shard=shard,
+                  regions=regions, style_regions=style_regions)
     del content, styles
     result = optimise(run.step, run.image, iterations, report_every=config.report_every,
                       progress=not config.quiet, checkpoint=checkpoint, checkpoint_every=config.save_every,
-                      should_stop=should_stop, label=label)
+                      should_stop=should_stop, label=label, on_loss=on_loss)
     if run.scaler is not None:
         result.skipped_steps = int(run.scaler.skipped.item())
     return result

@@ -30,7 +30,8 @@ from PIL import Image
 
 from .config import BatchConfig, StyleConfig
 from .errors import ConfigError, FastNSTError, ImageError
-from .images import SAVE_FORMATS, image_to_tensor, load_image, resized, save_image
+from . import color
+from .images import SAVE_FORMATS, image_to_tensor, load_image, read_metadata, resized, save_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 MAX_AUTO_BATCH = 16  # beyond this, a bigger batch no longer raises images/s (one image fills little)
@@ -344,9 +345,11 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, 
 
     config = jobs[0].config
     layers = feature_layers(config)
-    contents, styles, ready = [], [], []
+    contents, styles, ready, originals = [], [], [], []
     for job in jobs:
         try:
+            if job.config.content_mask or job.config.style_mask:
+                raise FastNSTError("--content-mask/--style-mask work with stylize, not yet with batch")
             content = resized(load_image(job.content), config.size)
             if content.size != size:
                 raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
@@ -358,8 +361,12 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, 
         except FastNSTError as exc:
             _fail(summary, manifest, job, str(exc))
             continue
-        contents.append(image_to_tensor(content))
-        styles.append([image_to_tensor(image).to(device) for image in style_images])
+        original = image_to_tensor(content)
+        prepared, own_styles = color.prepare_inputs(job.config.preserve_color, original,
+                                                    [image_to_tensor(image) for image in style_images])
+        originals.append(original)
+        contents.append(prepared)
+        styles.append([style.to(device) for style in own_styles])
         ready.append(job)
     if not ready:
         return
@@ -389,7 +396,8 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, 
     losses = run.objective.per_sample_losses(run.image.detach())
     for b, job in enumerate(ready):
         try:
-            save_image(result.image[b], job.output)
+            image = color.finish(job.config.preserve_color, result.image[b:b + 1], originals[b])
+            save_image(image, job.output, 16 if job.config.output_16bit else 8, read_metadata(job.content))
         except FastNSTError as exc:
             _fail(summary, manifest, job, str(exc))
             continue

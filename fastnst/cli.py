@@ -81,7 +81,9 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
     """One flag per field of a config dataclass, named after it (``style_weight`` -> ``--style-weight``)."""
     for f in dataclasses.fields(defaults):
         default, meta = getattr(defaults, f.name), f.metadata
-        kwargs: dict = dict(dest=f.name, default=default, help=_help(f, default))
+        # SUPPRESS: only flags the user gives reach the namespace, so presets can fill the rest
+        # (config_from_args); the help text shows the dataclass default.
+        kwargs: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f, default))
         if isinstance(default, bool):
             kwargs["action"] = "store_false" if f.default is True else "store_true"
         else:
@@ -145,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def config_from_args(cls, args: argparse.Namespace):
+    """A config from the defaults and the flags given (a --preset first, then the explicit flags)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    base = cls()
+    return base.replace(**given) if hasattr(base, "replace") else dataclasses.replace(base, **given)
+
+
 def checkpoint_path(output: Path, iteration: int, iterations: int) -> Path:
     """Where --save-every puts the image of ``iteration``: OUT_<iteration>.<ext>, zero-padded."""
     width = len(str(iterations))
@@ -176,7 +185,7 @@ class _InterruptFlag:
 def _stylize(args: argparse.Namespace) -> int:
     from . import distributed
 
-    config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)})
+    config = config_from_args(StyleConfig, args)
     config.validate(n_styles=len(args.styles))
     shard = distributed.from_environment(config.device)
     try:
@@ -188,16 +197,21 @@ def _stylize(args: argparse.Namespace) -> int:
 def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
     """The run itself; under torchrun every rank computes, rank 0 alone talks and writes."""
     from .api import render
-    from .images import check_output_path, save_image
+    from .images import check_output_path, read_metadata, save_image
 
     main_rank = shard is None or shard.is_main
     if not main_rank:
-        config = config.replace(quiet=True, verbose=False, save_every=0)
-    output = check_output_path(args.output)
+        config = config.replace(quiet=True, verbose=False, save_every=0, log=None)
+    bits = 16 if config.output_16bit else 8
+    output = check_output_path(args.output, bits)
+    metadata = read_metadata(args.content)  # the content's colour profile and EXIF go to the output
     total = sum(config.iterations_at(i) for i in range(len(config.scale_sizes())))
 
+    def write(image, path):
+        save_image(image, path, bits, metadata)
+
     def checkpoint(iteration, image):
-        save_image(image, checkpoint_path(output, iteration, total))
+        write(image, checkpoint_path(output, iteration, total))
 
     try:
         with _InterruptFlag() as stop:
@@ -207,12 +221,12 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
                             shard=shard)
     except NonFiniteLossError as exc:
         if main_rank:
-            save_image(exc.last_image, output)
+            write(exc.last_image, output)
         raise NonFiniteLossError(f"{exc}; kept the image of iteration {exc.last_iteration} in "
                                  f"{output}") from None
     if not main_rank:
         return EXIT_INTERRUPTED if result.interrupted else 0
-    save_image(result.image, output)
+    write(result.image, output)
     width, height = result.image.shape[-1], result.image.shape[-2]
     if result.interrupted:
         _say(f"interrupted after {result.iterations} of {total} iterations; saved the current image "
@@ -236,9 +250,8 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
 def _batch(args: argparse.Namespace) -> int:
     from . import distributed
 
-    batch_config = BatchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BatchConfig)})
-    batch_config.validate()
-    config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)})
+    batch_config = config_from_args(BatchConfig, args).validate()
+    config = config_from_args(StyleConfig, args)
     config.validate()
     shard = distributed.from_environment(config.device)
     try:
@@ -294,7 +307,7 @@ def _plan(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .plan import plan_lines
 
-    config = StyleConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(StyleConfig)}).validate()
+    config = config_from_args(StyleConfig, args).validate()
     device = resolve_device(config.device)
     size = config.scale_sizes()[-1]
     for line in plan_lines(config, device, size, size):
@@ -311,7 +324,7 @@ def _bench(args: argparse.Namespace) -> int:
     from .devices import resolve_device
     from .files import atomic_write, check_writable
 
-    config = BenchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}).validate()
+    config = config_from_args(BenchConfig, args).validate()
     if config.report:
         print(bench_report.markdown_table(bench_report.load_results(config.report)))
         return 0

@@ -34,6 +34,32 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # 0.02 ~ 5/255, between neural-style's 10/255 and the slower but steadier values peers use.
 DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 
+# Presets: option values a preset sets wherever the caller left an option at its default.
+PRESETS = {
+    # Gatys, Ecker & Bethge, CVPR 2016: content conv4_2; style conv1_1 .. conv5_1 with w_l = 1/5;
+    # average pooling ("improves the gradient flow ... slightly more appealing results", sec. 2);
+    # white-noise initialisation; L-BFGS; alpha / beta = 1e-3 (Fig. 2 and sec. 3); v_c = 1.
+    "gatys2016": {
+        "content_layers": ("conv4_2",),
+        "style_layers": ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"),
+        "content_layer_weights": (1.0,),
+        "style_layer_weights": (0.2, 0.2, 0.2, 0.2, 0.2),
+        "pooling": "avg",
+        "init": "noise",
+        "optimizer": "lbfgs",
+        "content_weight": 1e-3,
+        "style_weight": 1.0,
+    },
+    # Quality per second: start from the content (the structure is there from step one), fewer
+    # iterations, a shorter L-BFGS history (less memory traffic per step).  Chosen by reasoning and
+    # the CPU step timings, not yet by looking at pretrained-weight results.
+    "fast": {
+        "init": "content",
+        "iterations": 200,
+        "lbfgs_history": 10,
+    },
+}
+
 # Random VGG weights (--weights random) are always drawn with this seed, so that --seed only
 # changes the initial image and benchmark runs stay comparable.
 RANDOM_WEIGHTS_SEED = 0
@@ -56,6 +82,10 @@ def option(default: Any, help: str, *, metavar: str | None = None, choices: tupl
 class StyleConfig:
     """Options of one stylisation; every default of the library and the CLI lives here."""
 
+    preset: str | None = option(None, "a set of options, applied wherever an option is left at its default: "
+                                "gatys2016 = the paper exactly (conv4_2; conv1_1..conv5_1, w_l = 1/5; avg "
+                                "pooling; noise init; L-BFGS; alpha/beta = 1e-3); fast = content init, 200 "
+                                "iterations, L-BFGS history 10", choices=tuple(PRESETS))
     size: int = option(512, "longest side of the output image in pixels", metavar="PX",
                        minimum=16, maximum=65536)
     iterations: int = option(500, "optimisation steps (each one VGG forward and backward)", metavar="N",
@@ -87,6 +117,15 @@ class StyleConfig:
         "mean of their Grams", metavar="B", minimum=0.0, maximum=1e30, many=True)
     style_scale: float = option(1.0, "style image size relative to the output size", metavar="S",
                                 above=0.0, maximum=16.0)
+    preserve_color: str = option("none", "colour control: luminance (transfer on luminance only, the content's "
+                                 "colours kept exactly), histogram (style colours matched to the content's "
+                                 "mean and covariance first) or none", choices=("none", "luminance", "histogram"))
+    content_mask: tuple[str, ...] | None = option(
+        None, "spatial control: one mask image per style (white = this style here); each style then "
+              "acts only in its region instead of being blended", metavar="MASK", many=True)
+    style_mask: tuple[str, ...] | None = option(
+        None, "one mask per style image choosing the part of it to take the style from (white = use)",
+        metavar="MASK", many=True)
     pooling: str = option("max", "VGG pooling (the paper prefers avg; max suits torchvision's weights)",
                           choices=POOLINGS)
     init: str = option("noise", "initial image: seeded noise, the content or the style image",
@@ -123,6 +162,9 @@ class StyleConfig:
     report_every: int = option(10, "on CUDA, read the loss back every N iterations (each read "
                                "waits for the GPU); on CPU it is read every iteration", metavar="N",
                                minimum=1, maximum=10_000_000)
+    output_16bit: bool = option(False, "write 16 bits per channel (.png or .tif/.tiff outputs only)")
+    log: str | None = option(None, "append the loss as JSON lines ({\"iteration\", \"loss\", \"size\", \"seconds\"}) "
+                             "to this file, for plotting (on CUDA, every --report-every iterations)", metavar="PATH")
     quiet: bool = option(False, "no progress bar or summary")
     verbose: bool = option(False, "also report precision, backend, CUDA graph, skipped fp16 steps "
                            "and peak memory at the end")
@@ -130,6 +172,11 @@ class StyleConfig:
     def __post_init__(self) -> None:
         if isinstance(self.tile, int) and not isinstance(self.tile, bool):
             self.tile = str(self.tile)
+        if self.preset in PRESETS:  # StyleConfig(preset=...): the preset fills options left at default
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
         # Accept lists (Python callers, JSON) for tuple options and Path objects for weights.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -146,12 +193,24 @@ class StyleConfig:
         return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
     def replace(self, **overrides: Any) -> "StyleConfig":
-        """A copy with some options changed; unknown names are a ConfigError."""
+        """A copy with some options changed; unknown names are a ConfigError.
+
+        A ``preset`` among the overrides is applied first, and the other overrides win over it:
+        ``config.replace(preset="gatys2016", pooling="max")`` is the paper with max pooling.
+        """
         names = {f.name for f in dataclasses.fields(self)}
         for name in overrides:
             if name not in names:
                 raise ConfigError(f"unknown option '{name}'")
-        return dataclasses.replace(self, **overrides)
+        preset = overrides.pop("preset", self.preset)
+        if preset is not None and preset not in PRESETS:
+            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, not '{preset}'")
+        base = self if preset is None or preset == self.preset else \
+            dataclasses.replace(self, preset=None, **PRESETS[preset])
+        # preset=None while copying: __post_init__ must not re-apply it over the values set here.
+        copy = dataclasses.replace(base, preset=None, **overrides)
+        copy.preset = preset
+        return copy
 
     def validate(self, n_styles: int | None = None) -> "StyleConfig":
         """Check every option before any work starts; raises ConfigError naming the valid range."""
@@ -181,6 +240,11 @@ class StyleConfig:
         if self.tile is not None and self.tile != "auto":
             if not self.tile.isdigit() or int(self.tile) < 16 or int(self.tile) % 16:
                 raise ConfigError(f"--tile must be auto or a multiple of 16 px (16, 32, ...), not '{self.tile}'")
+        if n_styles is not None:
+            _check_count("--content-mask", self.content_mask, n_styles, "style images")
+            _check_count("--style-mask", self.style_mask, n_styles, "style images")
+        if (self.content_mask or self.style_mask) and self.tile is not None:
+            raise ConfigError("--content-mask/--style-mask cannot be combined with --tile yet")
         if self.tile_halo is not None and self.tile_halo % 16:
             raise ConfigError(f"--tile-halo must be a multiple of 16 px, not {self.tile_halo}")
         if self.scales is not None and self.start_size is not None:

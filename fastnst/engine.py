@@ -146,13 +146,14 @@ class PreparedRun:
 
 def prepare(network, content: torch.Tensor, styles: list[torch.Tensor], config, precision: str,
             graphed: bool, tile: int | None = None, start: torch.Tensor | None = None,
-            shard=None) -> PreparedRun:
+            shard=None, regions=None, style_regions=None) -> PreparedRun:
     """Targets, initial image, optimiser, loss scaler and step (captured when ``graphed``).
 
     ``content`` and ``styles`` are image tensors on the network's device; ``precision`` is a
     resolved one (fp32, bf16, fp16).  ``tile`` (px) evaluates the objective tile by tile
     (tiling.py; never graphed); ``start`` replaces the configured initial image (multi-scale);
-    ``shard`` (distributed.py) spreads tiles over processes.  Shared by real runs and by the
+    ``shard`` (distributed.py) spreads tiles over processes; ``regions`` / ``style_regions`` are
+    spatial-control masks (objective.py).  Shared by real runs and by the
     benchmarks, so both time the same thing.
     """
     from .objective import StyleObjective  # objective imports kernels; keep engine import light
@@ -168,7 +169,8 @@ def prepare(network, content: torch.Tensor, styles: list[torch.Tensor], config, 
         graphed = False
     else:
         with autocast():  # targets in the precision the image's features will have
-            objective = StyleObjective(network, content, styles, config)
+            objective = StyleObjective(network, content, styles, config, regions=regions,
+                                       style_regions=style_regions)
     if start is not None:
         image = start.detach().to(device=device, dtype=torch.float32).contiguous().requires_grad_(True)
     else:
@@ -189,7 +191,7 @@ def prepare(network, content: torch.Tensor, styles: list[torch.Tensor], config, 
 def optimise(step: Step, image: torch.Tensor, iterations: int, *, report_every: int = 10,
              progress: bool = True, checkpoint: Callable[[int, torch.Tensor], None] | None = None,
              checkpoint_every: int = 0, should_stop: Callable[[], bool] = lambda: False,
-             label: str = "") -> RunResult:
+             label: str = "", on_loss: Callable[[int, float], None] | None = None) -> RunResult:
     """Run ``iterations`` steps on ``image`` (a leaf that requires grad, updated in place).
 
     Raises NonFiniteLossError when a loss read back is NaN or infinite; it carries the last image
@@ -225,6 +227,8 @@ def optimise(step: Step, image: torch.Tensor, iterations: int, *, report_every: 
                 last_good_iteration = i - 1
                 losses.append((i, loss_value))
                 bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
+                if on_loss is not None:
+                    on_loss(i, loss_value)
             if checkpoint is not None and checkpoint_every and i % checkpoint_every == 0:
                 checkpoint(i, _readout(image, last_good))
     seconds = time.perf_counter() - started

@@ -7,7 +7,10 @@ of text; nothing here leaves a partial file behind.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,15 +134,107 @@ def output_format(path: str | os.PathLike) -> str:
     return fmt
 
 
-def check_output_path(path: str | os.PathLike) -> Path:
-    """Fail before any work if ``path`` cannot be written: bad extension, missing or read-only folder."""
-    output_format(path)
+def check_output_path(path: str | os.PathLike, bits: int = 8) -> Path:
+    """Fail before any work if ``path`` cannot be written: bad extension, missing or read-only folder,
+    16 bits asked of a format that has no 16-bit colour."""
+    fmt = output_format(path)
+    if bits == 16 and fmt not in SIXTEEN_BIT_FORMATS:
+        raise ImageError(f"16-bit output needs a .png or .tif/.tiff file, not '{Path(path).suffix}'")
     return check_writable(path)
 
 
-def save_image(image, path: str | os.PathLike) -> Path:
-    """Save atomically, in the format of the extension (see files.atomic_write)."""
+@dataclass
+class Metadata:
+    """What an output keeps of its content image: the colour profile and the EXIF block."""
+
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
+
+
+def read_metadata(source) -> Metadata:
+    """The content's ICC profile (only an RGB one: other spaces no longer describe the converted
+    pixels) and its EXIF block with the orientation set to 1, since pixels are stored upright."""
+    if not isinstance(source, (str, os.PathLike)):
+        return Metadata()
+    try:
+        with Image.open(source) as image:
+            icc = image.info.get("icc_profile")
+            if icc and icc[16:20] != b"RGB ":
+                icc = None  # a CMYK or grey profile would mislabel RGB output
+            exif = image.getexif()
+            if 0x0112 in exif:
+                exif[0x0112] = 1
+            return Metadata(icc_profile=icc or None, exif=exif.tobytes() if len(exif) else None)
+    except Exception:  # metadata is a courtesy; the pixels were read (or rejected) elsewhere
+        return Metadata()
+
+
+def save_image(image, path: str | os.PathLike, bits: int = 8, metadata: Metadata | None = None) -> Path:
+    """Save atomically, in the format of the extension (see files.atomic_write); ``bits`` 16 writes
+    16-bit PNG or TIFF from a tensor; ``metadata`` carries the content's profile and EXIF."""
     fmt = output_format(path)
+    metadata = metadata or Metadata()
+    if bits == 16:
+        if fmt not in SIXTEEN_BIT_FORMATS or not isinstance(image, torch.Tensor):
+            raise ImageError("16-bit output needs a .png or .tif/.tiff file and a tensor image")
+        pixels = _sixteen_bit(image)
+        writer = _write_png16 if fmt == "PNG" else _write_tiff16
+        return atomic_write(path, lambda stream: writer(stream, pixels, metadata.icc_profile))
     if isinstance(image, torch.Tensor):
         image = tensor_to_image(image)
-    return atomic_write(path, lambda stream: image.save(stream, format=fmt, **_SAVE_OPTIONS.get(fmt, {})))
+    options = dict(_SAVE_OPTIONS.get(fmt, {}))
+    if metadata.icc_profile:
+        options["icc_profile"] = metadata.icc_profile
+    if metadata.exif and fmt in ("JPEG", "PNG", "WEBP", "TIFF"):
+        options["exif"] = metadata.exif
+    return atomic_write(path, lambda stream: image.save(stream, format=fmt, **options))
+
+
+SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")
+
+
+def _sixteen_bit(tensor: torch.Tensor) -> np.ndarray:
+    """(H, W, 3) uint16 from a (3, H, W) or (1, 3, H, W) tensor in [0, 1]."""
+    if tensor.dim() == 4:
+        tensor = tensor[0]
+    scaled = tensor.detach().float().cpu().nan_to_num(0.0).clamp(0, 1).mul(65535).round()
+    return scaled.permute(1, 2, 0).numpy().astype(np.uint16)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _write_png16(stream, pixels: np.ndarray, icc: bytes | None) -> None:
+    """A 16-bit RGB PNG (Pillow cannot write one): IHDR, optional iCCP, IDAT of unfiltered rows."""
+    height, width, _ = pixels.shape
+    rows = np.concatenate([np.zeros((height, 1), dtype=np.uint8),
+                           pixels.astype(">u2").reshape(height, -1).view(np.uint8)], axis=1)
+    stream.write(b"\x89PNG\r\n\x1a\n")
+    stream.write(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)))
+    if icc:
+        stream.write(_png_chunk(b"iCCP", b"icc\0\0" + zlib.compress(icc)))
+    stream.write(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
+    stream.write(_png_chunk(b"IEND", b""))
+
+
+def _write_tiff16(stream, pixels: np.ndarray, icc: bytes | None) -> None:
+    """A baseline little-endian TIFF, RGB, 16 bits per sample, one uncompressed strip."""
+    height, width, _ = pixels.shape
+    data = pixels.astype("<u2").tobytes()
+    entries = 11 + (1 if icc else 0)
+    ifd_size = 2 + entries * 12 + 4
+    bits_offset = 8 + ifd_size
+    data_offset = bits_offset + 6
+    icc_offset = data_offset + len(data)
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, bits_offset), (259, 3, 1, 1), (262, 3, 1, 2),
+            (273, 4, 1, data_offset), (277, 3, 1, 3), (278, 4, 1, height), (279, 4, 1, len(data)),
+            (284, 3, 1, 1), (296, 3, 1, 1)]
+    if icc:
+        tags.append((34675, 7, len(icc), icc_offset))
+    header = b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", len(tags))
+    for tag, kind, count, value in sorted(tags):
+        # A single SHORT sits left-justified in the 4-byte value field; everything else is a LONG.
+        packed = struct.pack("<HH", value, 0) if kind == 3 and count == 1 else struct.pack("<I", value)
+        header += struct.pack("<HHI", tag, kind, count) + packed
+    stream.write(header + struct.pack("<I", 0) + struct.pack("<HHH", 16, 16, 16) + data + (icc or b""))

@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import kernels
 from .config import StyleConfig
-from .vgg import VGGFeatures, layer_channels
+from .vgg import VGGFeatures, layer_channels, layer_stride
 
 
 def feature_layers(config: StyleConfig) -> tuple[str, ...]:
@@ -33,6 +34,12 @@ def default_content_layer_weight(channels: int, positions: int) -> float:
 def default_style_layer_weight(channels: int) -> float:
     """w_l = 4 / N^2: turns E_l into the tutorial's MSE between Grams divided by N*M."""
     return 4.0 / channels**2
+
+
+def _mask_at(mask: torch.Tensor, stride: int) -> torch.Tensor:
+    """A (1, 1, H, W) mask in [0, 1] averaged down to a layer's grid (H // stride, W // stride),
+    the same flooring as VGG's pooling."""
+    return F.avg_pool2d(mask, stride) if stride > 1 else mask
 
 
 def total_variation(image: torch.Tensor) -> torch.Tensor:
@@ -52,7 +59,9 @@ class StyleObjective:
     samples never interact, so each one's gradient is that of its own objective.
     """
 
-    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: StyleConfig):
+    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: StyleConfig,
+                 regions: Sequence[torch.Tensor] | None = None,
+                 style_regions: Sequence[torch.Tensor | None] | None = None):
         if not styles:
             raise ValueError("at least one style image is needed")
         per_sample = isinstance(styles[0], (list, tuple))
@@ -70,9 +79,13 @@ class StyleObjective:
         self.beta = float(config.style_weight)
         self.tv_weight = float(config.tv_weight)
 
+        self.regions = None  # spatial control: per style, its output region at each style layer
         with torch.no_grad():
             self.content_targets, out_positions = self._content_targets(content)
-            if per_sample:
+            if regions is not None:
+                self._masked_targets(styles, regions, style_regions or [None] * len(styles),
+                                     config.style_blend_weights)
+            elif per_sample:
                 targets = [self._blended_grams(own, config.style_blend_weights, out_positions) for own in styles]
                 self.style_targets = tuple(torch.stack(layer) for layer in zip(*targets))
             else:
@@ -84,6 +97,35 @@ class StyleObjective:
         self.style_layer_weights = tuple(
             config.style_layer_weights if config.style_layer_weights is not None else
             (default_style_layer_weight(layer_channels(name)) for name in self.style_layers))
+
+    def _masked_targets(self, styles, regions, style_regions, blend) -> None:
+        """Spatial control (Gatys et al. 2017, sec. 4): style s acts only where its region mask is
+        white.  Grams are taken over masked features, F * m with the mask averaged down to each
+        layer's grid, and compared per masked position: E uses M_r = sum of the mask values, and
+        A_s is rescaled from the style's masked positions to the output region's."""
+        if len(regions) != len(styles):
+            raise ValueError(f"{len(regions)} region masks for {len(styles)} style images")
+        if self.content_targets[0].shape[0] != 1:
+            raise ValueError("spatial control renders one image at a time, not a batch")
+        self.regions = [[_mask_at(region, layer_stride(name)) for name in self.style_layers] for region in regions]
+        # (M / M_r)^2 per style and layer, computed once: the loop must not read values back.
+        self.region_corrections = [[(mask[0, 0].numel() / max(float(mask.sum()), 1e-12)) ** 2 for mask in region]
+                                   for region in self.regions]
+        self.region_weights = tuple(blend) if blend is not None else (1.0,) * len(styles)
+        self.style_targets = []
+        for style, region, style_region in zip(styles, self.regions, style_regions):
+            features = self.network(style)
+            targets = []
+            for slot, name, out_mask in zip(self.style_slots, self.style_layers, region):
+                masked = features[slot]
+                positions = float(masked[0, 0].numel())
+                if style_region is not None:
+                    style_mask = _mask_at(style_region, layer_stride(name))
+                    masked = masked * style_mask
+                    positions = float(style_mask.sum())
+                gram = self.ops.gram(masked)[0] * (float(out_mask.sum()) / max(positions, 1e-12))
+                targets.append(0.5 * (gram + gram.transpose(0, 1)))
+            self.style_targets.append(tuple(targets))
 
     def _content_targets(self, content: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[int]]:
         """P for each content layer, and the number of positions of each style layer's features
@@ -115,9 +157,18 @@ class StyleObjective:
         for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
                                          self.content_layer_weights):
             yield f"content:{name}", self.ops.content_loss(features[slot], target), self.alpha * v
-        for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
-                                         self.style_layer_weights):
-            yield f"style:{name}", self.ops.style_loss(features[slot], target), self.beta * w
+        if self.regions is None:
+            for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
+                                             self.style_layer_weights):
+                yield f"style:{name}", self.ops.style_loss(features[slot], target), self.beta * w
+        else:
+            for index, (region, corrections, targets, share) in enumerate(zip(
+                    self.regions, self.region_corrections, self.style_targets, self.region_weights)):
+                for name, slot, mask, correction, target, w in zip(self.style_layers, self.style_slots, region,
+                                                                   corrections, targets, self.style_layer_weights):
+                    # style_loss normalises by all M positions; the region has M_r = sum(mask).
+                    yield (f"style:{name}:{index}", self.ops.style_loss(features[slot] * mask, target) * correction,
+                           self.beta * w * share)
         if self.tv_weight:
             yield "tv", total_variation(image), self.tv_weight
 
@@ -128,6 +179,8 @@ class StyleObjective:
     @torch.no_grad()
     def per_sample_losses(self, image: torch.Tensor) -> list[float]:
         """The total loss of each sample of a batch (for reports; one forward, no gradient)."""
+        if image.shape[0] == 1:
+            return [float(self(image))]
         features = self.network(image)
         losses = []
         for b in range(image.shape[0]):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastnst.cli import build_parser, checkpoint_path, config_flag, main
+from fastnst.cli import build_parser, checkpoint_path, config_flag, config_from_args, main
 from fastnst.config import BatchConfig, BenchConfig, StyleConfig
 
 from .conftest import random_image
@@ -125,9 +125,9 @@ def test_every_config_field_is_a_flag_with_its_default(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside "(default: 512)"
     parser = build_parser()
     args = parser.parse_args(["stylize", "c.png", "s.png", "-o", "o.png"])
-    defaults = StyleConfig()
-    for name, value in vars(defaults).items():
-        assert getattr(args, name) == value, name
+    assert config_from_args(StyleConfig, args) == StyleConfig()
+    given = parser.parse_args(["stylize", "c.png", "s.png", "-o", "o.png", "--size", "99", "--no-cuda-graph"])
+    assert config_from_args(StyleConfig, given) == StyleConfig(size=99, cuda_graph=False)
     help_text = parser._subparsers._group_actions[0].choices["stylize"].format_help()
     for flag in ("--size", "--iterations", "--optimizer", "--lr", "--content-weight", "--style-weight",
                  "--tv-weight", "--style-blend-weights", "--style-scale", "--content-layers",
