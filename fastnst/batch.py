@@ -111,10 +111,23 @@ def _stem(path: str) -> str:
     return _UNSAFE.sub("_", Path(path).stem).lstrip(".") or "image"
 
 
-def output_name(template: str, content: str, styles: tuple[str, ...], variation: int, config: StyleConfig) -> str:
+def labels_for(paths: list[str]) -> dict[str, str]:
+    """A name label per input path: its stem, or stem_extension where two inputs share a stem
+    (photo.jpg and photo.png would otherwise write the same output)."""
+    stems: dict[str, set[str]] = {}
+    for path in paths:
+        stems.setdefault(_stem(path), set()).add(path)
+    return {path: (_stem(path) if len(stems[_stem(path)]) == 1
+                   else f"{_stem(path)}_{Path(path).suffix.lstrip('.').lower() or 'file'}") for path in paths}
+
+
+def output_name(template: str, content: str, styles: tuple[str, ...], variation: int, config: StyleConfig,
+                labels: dict[str, str] | None = None) -> str:
     """The output file name of a job; never a path, so it cannot leave the output folder."""
+    labels = labels or {}
     try:
-        name = template.format(content=_stem(content), style="+".join(_stem(s) for s in styles),
+        name = template.format(content=labels.get(content, _stem(content)),
+                               style="+".join(labels.get(s, _stem(s)) for s in styles),
                                variation=variation, seed=config.seed, size=config.size)
     except (KeyError, IndexError, ValueError) as exc:
         raise ConfigError(f"--name template '{template}' is invalid ({exc})") from None
@@ -137,9 +150,11 @@ def jobs_from_pairs(batch: BatchConfig, config: StyleConfig) -> list[Job]:
     template = batch.name or default_template(batch.variations)
     out = Path(batch.out)
     jobs = []
-    for content in expand_contents(batch.content):
+    contents = expand_contents(batch.content)
+    labels = {**labels_for(contents), **labels_for(list(batch.style))}
+    for content in contents:
         for style in batch.style:
-            jobs += _variants(content, (style,), config, batch.variations, template, out)
+            jobs += _variants(content, (style,), config, batch.variations, template, out, labels)
     return _unique(jobs)
 
 
@@ -189,11 +204,11 @@ def _with_variation(name: str, variations: int) -> str:
     return f"{stem}__v{{variation}}{suffix}"
 
 
-def _variants(content, styles, config, variations, template, out) -> list[Job]:
+def _variants(content, styles, config, variations, template, out, labels=None) -> list[Job]:
     jobs = []
     for variation in range(variations):
         job_config = config.replace(seed=config.seed + variation) if variations > 1 else config
-        name = output_name(template, content, styles, variation, job_config)
+        name = output_name(template, content, styles, variation, job_config, labels)
         jobs.append(Job(id=name, content=content, styles=styles, config=job_config, output=out / name))
     return jobs
 
@@ -271,20 +286,31 @@ def output_size(job: Job) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def bucket_key_options(config: StyleConfig) -> str:
+    """The options that must agree for jobs to share a batch: all but seed and initialisation."""
+    options = dataclasses.asdict(config.replace(seed=0, init="noise", quiet=True, verbose=False, save_every=0))
+    return json.dumps(options, sort_keys=True, default=str)
+
+
 def bucket_key(job: Job, size: tuple[int, int]) -> tuple:
     """Jobs batch together when their output size and options agree, seed and init aside."""
-    options = dataclasses.asdict(job.config.replace(seed=0, init="noise", quiet=True, verbose=False, save_every=0))
-    return size, json.dumps(options, sort_keys=True, default=str)
+    return size, bucket_key_options(job.config)
 
 
-def auto_batch_size(config: StyleConfig, device: torch.device, width: int, height: int, jobs: int) -> int:
-    """As many images as the planner says fit the free memory (at most MAX_AUTO_BATCH)."""
+def auto_batch_size(config: StyleConfig, device: torch.device, width: int, height: int, jobs: int,
+                    models: dict | None = None) -> int:
+    """As many images as the planner says fit the free memory (at most MAX_AUTO_BATCH).  ``models``
+    caches the planner's measurement per option set: it does not depend on the image size."""
     from .plan import SAFETY, calibrate, free_bytes
 
     free = free_bytes(device)
     if not free:
         return 1
-    model = calibrate(config, device)
+    models = {} if models is None else models
+    key = bucket_key_options(config)
+    if key not in models:
+        models[key] = calibrate(config, device)
+    model = models[key]
     fit = int((SAFETY * free - model.fixed_bytes) // max(model.bytes_per_pixel * width * height, 1))
     return max(1, min(fit, MAX_AUTO_BATCH, jobs))
 
@@ -308,11 +334,11 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
             _fail(summary, manifest, job, str(exc))
             continue
         buckets.setdefault(bucket_key(job, size), []).append(job)
-    batches_run = 0
+    batches_run, models = 0, {}
     for (size, _), members in buckets.items():
         config = members[0].config
         per_batch = (int(batch.batch_size) if batch.batch_size != "auto"
-                     else auto_batch_size(config, device, size[0], size[1], len(members)))
+                     else auto_batch_size(config, device, size[0], size[1], len(members), models))
         for start in range(0, len(members), per_batch):
             if should_stop() or (stop_after_batches is not None and batches_run >= stop_after_batches):
                 summary.interrupted = True

@@ -2,7 +2,7 @@
 
 Flags of ``stylize`` are built from ``StyleConfig``'s fields, so defaults and help never drift
 from the library.  This is the only place that prints errors or picks exit statuses:
-0 success, 1 failure during the run, 2 bad arguments or inputs, 130 interrupted (Ctrl-C).
+0 success, 1 failure during the run, 2 bad arguments or inputs, 130 SIGINT, 143 SIGTERM.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import BatchConfig, BenchConfig, StyleConfig, flag_name
-from .errors import FastNSTError, NonFiniteLossError, UsageError
+from .errors import FastNSTError, NonFiniteLossError, RunError, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -161,25 +161,34 @@ def checkpoint_path(output: Path, iteration: int, iterations: int) -> Path:
 
 
 class _InterruptFlag:
-    """First Ctrl-C asks the run to stop after the current step; a second one aborts at once."""
+    """SIGINT (Ctrl-C) or SIGTERM asks the run to stop after the current step, so the image can be
+    saved whole; a second signal aborts at once without writing.  ``code`` is the exit status the
+    signal calls for: 128 + its number (130 for SIGINT, 143 for SIGTERM)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.raised = False
+        self.signum: int | None = None
 
     def __call__(self) -> bool:
-        return self.raised
+        return self.signum is not None
+
+    @property
+    def code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
     def _handle(self, signum, frame) -> None:
-        if self.raised:
+        if self.signum is not None:
             raise KeyboardInterrupt
-        self.raised = True
+        self.signum = signum
 
     def __enter__(self) -> "_InterruptFlag":
-        self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc) -> None:
-        signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _stylize(args: argparse.Namespace) -> int:
@@ -208,13 +217,17 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
     total = sum(config.iterations_at(i) for i in range(len(config.scale_sizes())))
 
     def write(image, path):
-        save_image(image, path, bits, metadata)
+        try:
+            save_image(image, path, bits, metadata)
+        except FastNSTError as exc:  # the work is done; failing to store it is a run failure (1)
+            raise RunError(str(exc)) from None
 
     def checkpoint(iteration, image):
         write(image, checkpoint_path(output, iteration, total))
 
+    stop = _InterruptFlag()
     try:
-        with _InterruptFlag() as stop:
+        with stop:
             should_stop = stop if shard is None else (lambda: shard.any(stop()))
             result = render(args.content, args.styles, config, checkpoint=checkpoint, should_stop=should_stop,
                             notify=_say if main_rank and not config.quiet else (lambda message: None),
@@ -225,13 +238,13 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         raise NonFiniteLossError(f"{exc}; kept the image of iteration {exc.last_iteration} in "
                                  f"{output}") from None
     if not main_rank:
-        return EXIT_INTERRUPTED if result.interrupted else 0
+        return stop.code if result.interrupted else 0
     write(result.image, output)
     width, height = result.image.shape[-1], result.image.shape[-2]
     if result.interrupted:
         _say(f"interrupted after {result.iterations} of {total} iterations; saved the current image "
              f"({width}x{height}) to {output}")
-        return EXIT_INTERRUPTED
+        return stop.code
     if not config.quiet:
         per_iteration = result.seconds / max(result.iterations, 1)
         _say(f"wrote {output} ({width}x{height}, {result.iterations} iterations, loss {result.loss:.6g}, "
@@ -283,10 +296,11 @@ def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
     with _InterruptFlag() as stop:
         summary = batch.run_batch(mine, batch_config, device, notify=_say if talk else (lambda message: None),
                                   should_stop=stop, progress=talk)
+    code = stop.code
     if shard is not None:
         summary = batch.merge_summaries(shard.gather(summary))
     if not main_rank:
-        return EXIT_INTERRUPTED if summary.interrupted else (1 if summary.failed else 0)
+        return code if summary.interrupted else (1 if summary.failed else 0)
     report = batch.throughput(summary, run_metadata()["device"], resolve_precision(config.precision, device))
     batch.Manifest(out).append({"summary": report, "jobs": len(jobs),
                                 "processes": 1 if shard is None else shard.world})
@@ -299,7 +313,7 @@ def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
          f"{report['model_tflops']:.2f} model TFLOP/s{utilisation}")
     if summary.interrupted:
         _say("interrupted: the batch in flight was not written; run the same command again to finish")
-        return EXIT_INTERRUPTED
+        return code
     return 1 if summary.failed else 0
 
 

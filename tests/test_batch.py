@@ -176,3 +176,11 @@ def test_torchrun_renders_every_job_once(contents, tmp_path):
     summaries = [r for r in records if "summary" in r]
     assert len(summaries) == 1 and summaries[0]["processes"] == 2 and summaries[0]["summary"]["images"] == 8
     assert "8 rendered, 0 failed" in done.stderr
+
+
+def test_inputs_sharing_a_stem_get_distinct_names(tmp_path):
+    for name in ("photo.jpg", "photo.png", "other.png"):
+        Image.new("RGB", (48, 36)).save(tmp_path / name)
+    settings = BatchConfig(content=(str(tmp_path),), style=(STYLES[0],), out=str(tmp_path / "out")).validate()
+    names = sorted(job.id for job in batch.jobs_from_pairs(settings, StyleConfig()))
+    assert names == ["other__starry_night.png", "photo_jpg__starry_night.png", "photo_png__starry_night.png"]
