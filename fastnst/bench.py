@@ -187,31 +187,29 @@ def _reset_peak(device: torch.device) -> None:
         pass
 
 
-def _peak(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+def _proc_bytes(path: str, key: str) -> int | None:
+    """A "Key:   N kB" line of a Linux /proc file, in bytes; None elsewhere."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def _peak(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_bytes("/proc/self/status", "VmHWM")  # the process's peak resident set
 
 
 def available_bytes(device: torch.device) -> int | None:
     """Memory free for a run on ``device``: CUDA free memory, or MemAvailable on Linux."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def estimated_bytes(size: int, mode: str, precision: str, history: int) -> int:

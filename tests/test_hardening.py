@@ -299,7 +299,8 @@ def test_tile_and_batch_size_shapes_are_checked(capsys):
 # Faults
 
 
-def test_sigterm_saves_the_current_image_and_exits_143(tmp_path):
+@pytest.mark.parametrize("sent, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_saves_the_current_image_whole(tmp_path, sent, status):
     out = tmp_path / "out.png"
     process = subprocess.Popen([sys.executable, "-m", "fastnst", "stylize", str(CONTENT), str(STYLE), "-o", str(out),
                                 "--weights", "random", "--size", "64", "--iterations", "100000", "--save-every", "1",
@@ -308,9 +309,9 @@ def test_sigterm_saves_the_current_image_and_exits_143(tmp_path):
     while not any(name.startswith("out_") for name in os.listdir(tmp_path)):
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sent)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 143, err
+    assert process.returncode == status, err
     assert "interrupted after" in err and "Traceback" not in err
     with Image.open(out) as image:
         assert image.size == (64, 48)
