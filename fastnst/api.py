@@ -104,6 +104,8 @@ def render(content, styles, config: StyleConfig | None = None, *,
                 exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
                             f"try --precision bf16 or fp32",)
             exc.last_iteration += done
+            if exc.last_image is not None:  # in the colours the output would have had
+                exc.last_image = color.finish(config.preserve_color, exc.last_image, original)
             raise
         tiles_used.append(tile)
         results.append(result)
