@@ -73,8 +73,7 @@ def render(content, styles, config: StyleConfig | None = None, *,
             _check_fits(resized(image, max(1, round(size * config.style_scale))), layers,
                         f"style image at {size} px")
 
-    weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
-    network = VGGFeatures(layers, weights, pooling=config.pooling).to(device)
+    network = build_network(config, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # shapes never change within a scale
         torch.cuda.reset_peak_memory_stats(device)
@@ -118,6 +117,12 @@ def render(content, styles, config: StyleConfig | None = None, *,
     graphed = device.type == "cuda" and config.cuda_graph and all(t is None for t in tiles_used)
     return dataclasses.replace(_merge(results), device=str(device), precision=precision, backend=backend,
                                cuda_graph=graphed, tile=tiles_used[-1], peak_memory_bytes=peak_memory_bytes(device))
+
+
+def build_network(config: StyleConfig, device: torch.device) -> VGGFeatures:
+    """The VGG19 a configuration needs (its weights, pooling and layers), on ``device``."""
+    weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
+    return VGGFeatures(feature_layers(config), weights, pooling=config.pooling).to(device)
 
 
 def _upsampled(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

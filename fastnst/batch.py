@@ -443,14 +443,12 @@ _NETWORKS: dict[tuple, torch.nn.Module] = {}
 
 def _network(config: StyleConfig, device: torch.device):
     """The VGG of a configuration, built once per run and reused by every batch that needs it."""
-    from .config import RANDOM_WEIGHTS_SEED
+    from .api import build_network
     from .objective import feature_layers
-    from .vgg import VGGFeatures, load_weights
 
     key = (config.weights, config.pooling, feature_layers(config), str(device))
     if key not in _NETWORKS:
-        weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
-        _NETWORKS[key] = VGGFeatures(feature_layers(config), weights, pooling=config.pooling).to(device)
+        _NETWORKS[key] = build_network(config, device)
     return _NETWORKS[key]
 
 

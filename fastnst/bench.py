@@ -289,9 +289,9 @@ def _time_mode(mode, size, optimizer, device, iterations, repeats, warmup) -> St
     if mode == "reference":
         return time_reference(size, optimizer=optimizer, device=str(device), iterations=iterations,
                               repeats=repeats, warmup=warmup)
-    settings = {"precision": "auto", "cuda_graph": True, "backend": None, **_mode_settings(mode)}
+    # time_step starts from StyleConfig(), the fast path; the mode switches one feature off.
     return time_step(size, optimizer=optimizer, device=str(device), iterations=iterations, repeats=repeats,
-                     warmup=warmup, **settings)
+                     warmup=warmup, **_mode_settings(mode))
 
 
 def _fill(row: BenchRow, timing: StepTiming) -> None:
