@@ -141,6 +141,32 @@ def test_content_loss_with_different_layouts():
            VALUE_TOLERANCE, "mixed-layout content loss")
 
 
+def test_deterministic_algorithms_turn_the_split_off(monkeypatch):
+    """With torch.use_deterministic_algorithms(True) each tile is summed by one program in a fixed
+    order (no float atomics), so G is the same bits on every run; otherwise conv1_1-like shapes
+    are split over programs."""
+    kernel_class = type(triton_gram._gram_kernel)
+    original_run = kernel_class.run
+    splits = []
+
+    def record(self, *args, **kwargs):
+        if self.fn.__name__ == "_gram_kernel":
+            splits.append(kwargs["SPLIT"])
+        return original_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_class, "run", record)
+    x = _features(1, 64, 1009, torch.float32, "contiguous", seed=4)
+    previous = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        out, _ = triton_gram.launch_gram(x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    triton_gram.launch_gram(x)
+    assert splits == [False, True]
+    _close(out, _gram64(x), VALUE_TOLERANCE, "deterministic gram")
+
+
 def test_gram_backward_is_the_symmetrised_product():
     x = _features(2, 5, 91, torch.float32, "channels_last", seed=9)
     weights = torch.randn(2, 5, 5, dtype=torch.float64)

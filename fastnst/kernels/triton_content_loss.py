@@ -3,7 +3,8 @@
 Both kernels treat F and P as flat arrays in storage order, which is right whenever the two share
 a dense layout (contiguous or channels_last, as features of the same network do); other pairs are
 made contiguous first.  Forward writes one fp32 partial sum per program, summed afterwards in a
-fixed order, so the loss is deterministic.
+fixed order, so the loss is deterministic.  One grid axis, with int64 offsets: conv1_1 of a
+16384 px image has 2^34 elements, 2^24 programs.
 """
 
 from __future__ import annotations
@@ -58,9 +59,9 @@ class ContentLoss(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         x, target = _same_dense_layout(x, target)
         n = x.numel()
-        programs = max(1, triton.cdiv(n, BLOCK))
-        partial = triton_gram.new_output((programs,), torch.float32, x.device)
-        _content_forward_kernel[(programs,)](x, target, partial, n, BLOCK=BLOCK, num_warps=4)
+        grid = triton_gram.grid_1d(triton.cdiv(n, BLOCK), "the content-loss kernel")
+        partial = triton_gram.new_output(grid, torch.float32, x.device)
+        _content_forward_kernel[grid](x, target, partial, n, BLOCK=BLOCK, num_warps=4)
         ctx.save_for_backward(x, target)
         return partial.sum() * 0.5
 
@@ -69,7 +70,7 @@ class ContentLoss(torch.autograd.Function):
         x, target = ctx.saved_tensors
         n = x.numel()
         grad = triton_gram.new_like(x)
-        _content_backward_kernel[(max(1, triton.cdiv(n, BLOCK)),)](
+        _content_backward_kernel[triton_gram.grid_1d(triton.cdiv(n, BLOCK), "the content-loss kernel")](
             x, target, grad_out.float().reshape(1), grad, n, BLOCK=BLOCK, num_warps=4)
         return grad, None
 

@@ -15,6 +15,16 @@ With atomics the summation order varies between runs (results agree to fp32 roun
 ``_gram_backward_kernel`` computes scale * D F (the Gram's and the style loss's gradient with
 respect to F) and writes it in the layout of the gradient tensor.
 
+Every launch uses a one-dimensional grid.  CUDA allows 2^31 - 1 programs on grid axis 0 but only
+65,535 on axes 1 and 2; the number of position blocks of conv1_1 reaches 65,536 at 2048 x 2048
+px, so all work indices (batch, channel block, position block, split part) are folded into axis 0
+and unfolded in the kernel.  ``grid_1d`` refuses a launch that would not fit (never reached by
+the shapes VGG19 produces: tests/test_launch_grids.py walks every layer up to 16384 px).
+
+With ``torch.use_deterministic_algorithms(True)`` the Gram is not split over programs (one
+program sums each tile in a fixed order), so G, D and the gradients are the same bits on every
+run; only the loss's cross-tile sum still uses an atomic.
+
 Block sizes are reasoned, not yet tuned on a GPU: 64-wide channel tiles match conv1_1 (C = 64)
 exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step keep each load a
 64x64 tile (8 KiB in bf16).  ``benchmarks/bench_kernels.py`` is where tuning should start.
@@ -34,6 +44,14 @@ BACKWARD_BLOCK_K = 32  # channels reduced per inner step of the backward product
 PROGRAMS_PER_SM = 4
 # The interpreter has no SM count; a fixed small split still exercises the split path.
 INTERPRETER_PROGRAMS = 8
+# CUDA's limit on grid axis 0 (axes 1 and 2 allow only 65,535, which is why no launch uses them).
+MAX_PROGRAMS = 2**31 - 1
+# Positions per launch: program-local position indices are int32 (start + chunk, pm * BLOCK_M), so
+# M stays well inside 2^31.  conv1_1 of a 32768 x 32768 image would be the first to pass it, with
+# 137 GB of bf16 features for that one layer: no GPU holds an untiled image that large.
+MAX_POSITIONS = 2**30
+# Scratch sub-buffers start on multiples of this many elements (64 bytes), so wide loads stay aligned.
+SCRATCH_ALIGN = 16
 
 
 @triton.jit
@@ -66,7 +84,7 @@ def _gram_epilogue(g, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stri
         tl.store(out_base + mirror_off, g, mask=mirror)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_split"])  # one compiled variant whatever the split
 def _gram_kernel(
     x_ptr,  # features F, (B, C, M) at the strides below; fp32, bf16 or fp16
     target_ptr,  # STYLE: target Gram A (fp32), batch stride 0 when shared; else unused
@@ -79,16 +97,19 @@ def _gram_kernel(
     stride_tb, stride_tc, stride_tr,  # strides of A in elements
     tiles,  # T = cdiv(C, BLOCK_C): tiles per side
     chunk,  # positions per split program, a multiple of BLOCK_K
-    n_split,  # programs sharing one tile (grid axis 1)
+    n_split,  # programs sharing one tile
     loss_scale,  # weight / (4 C^2 M^2)
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     STYLE: tl.constexpr,  # epilogue: False writes G, True writes D and the loss
     SPLIT: tl.constexpr,  # n_split > 1: accumulate through the workspace
     DOT_FP32: tl.constexpr,  # multiply in fp32 (fp32 inputs, and the interpreter)
 ):
-    tile = tl.program_id(0)
-    part = tl.program_id(1)
-    b = tl.program_id(2)
+    # One grid axis (see the module docstring): pid = (b * n_split + part) * T^2 + tile, so the
+    # programs that run side by side share their positions (part) and read the same F columns.
+    pid = tl.program_id(0)
+    tile = pid % (tiles * tiles)
+    part = (pid // (tiles * tiles)) % n_split
+    b = pid // (tiles * tiles * n_split)
     i = tile // tiles
     j = tile % tiles
     if i <= j:  # lower-triangle programs have nothing to do: their tile is a mirror
@@ -143,9 +164,14 @@ def _gram_backward_kernel(
     HAS_SCALE_PTR: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     """grad[b, c, m] = scale * (*scale_ptr) * sum_k D[b, c, k] F[b, k, m]."""
-    pc = tl.program_id(0)
-    pm = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    # One grid axis: pid = (b * m_blocks + pm) * c_blocks + pc; neighbouring programs take the
+    # channel blocks of the same positions, so each F column block is read from L2 after the first.
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    m_blocks = tl.cdiv(M, BLOCK_M)
+    pc = pid % c_blocks
+    pm = (pid // c_blocks) % m_blocks
+    b = (pid // (c_blocks * m_blocks)).to(tl.int64)
     rows = (pc * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     cols = (pm * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     d_base = d_ptr + b * C * C
@@ -204,16 +230,42 @@ def _use_fp32_dot(x: torch.Tensor, backward: bool = False) -> bool:
     return (x.dtype == torch.float32 or (backward and x.dtype == torch.float16) or interpreting())
 
 
-def _split_for(x: torch.Tensor, tiles_total: int, positions: int) -> int:
-    """How many programs share a tile: enough to give every SM a few programs."""
+def programs_wanted(device: torch.device) -> int:
+    """Programs that fill ``device``: a few per streaming multiprocessor (a fixed small number
+    under the interpreter, which has no SMs but must still take the split path)."""
     from .backend import interpreting
 
-    if interpreting() or x.device.type != "cuda":
-        target = INTERPRETER_PROGRAMS
-    else:
-        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_for(x: torch.Tensor, tiles_total: int, positions: int) -> int:
+    """How many programs share a tile: enough to give every SM a few programs, or one when
+    PyTorch is asked for deterministic algorithms (no float atomics, same bits every run)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 1
     steps = triton.cdiv(positions, BLOCK_K)
-    return max(1, min(steps, triton.cdiv(target, tiles_total)))
+    return max(1, min(steps, triton.cdiv(programs_wanted(x.device), tiles_total)))
+
+
+def grid_1d(programs: int, kernel: str) -> tuple[int]:
+    """The one-axis grid of ``programs`` programs; a clear error where CUDA would refuse it."""
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"{kernel} would need {programs} programs, more than CUDA's {MAX_PROGRAMS} per "
+                         f"launch; evaluate the image in tiles (--tile)")
+    return (max(1, programs),)
+
+
+def check_positions(positions: int) -> None:
+    if positions > MAX_POSITIONS:
+        raise ValueError(f"features with {positions} positions per channel are more than the kernels "
+                         f"index ({MAX_POSITIONS}); evaluate the image in tiles (--tile)")
+
+
+def _aligned(count: int) -> int:
+    """``count`` rounded up to a multiple of SCRATCH_ALIGN elements."""
+    return triton.cdiv(count, SCRATCH_ALIGN) * SCRATCH_ALIGN
 
 
 def new_output(shape, dtype, device) -> torch.Tensor:
@@ -236,6 +288,7 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"gram supports fp32, bf16 and fp16 features, not {x.dtype}")
     x, channels, positions, (sxb, sxc, sxm) = as_bcm(x)
+    check_positions(positions)
     batch = x.shape[0]
     tiles = triton.cdiv(channels, BLOCK_C)
     n_tile_programs = tiles * (tiles + 1) // 2 * batch
@@ -243,13 +296,16 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
     chunk = max(1, triton.cdiv(triton.cdiv(positions, n_split), BLOCK_K)) * BLOCK_K
     n_split = max(1, triton.cdiv(positions, chunk))  # no empty programs
     out = new_output((batch, channels, channels), torch.float32, x.device)
-    # One zeroed allocation holds the loss, the arrival counters and (when split) the workspace.
+    # One zeroed allocation (one memset) holds the loss, the arrival counters and, when split, the
+    # workspace; each part starts on a 64-byte boundary so the workspace's tile loads stay wide.
     n_counters = batch * tiles * tiles if n_split > 1 else 0
     n_ws = batch * channels * channels if n_split > 1 else 0
-    scratch = torch.zeros(1 + n_counters + n_ws, dtype=torch.float32, device=x.device)
+    counters_at = SCRATCH_ALIGN
+    ws_at = counters_at + _aligned(n_counters)
+    scratch = torch.zeros(ws_at + n_ws, dtype=torch.float32, device=x.device)
     loss = scratch[0]
-    counters = scratch[1 : 1 + n_counters].view(torch.int32) if n_split > 1 else scratch
-    workspace = scratch[1 + n_counters :] if n_split > 1 else scratch
+    counters = scratch[counters_at:ws_at].view(torch.int32) if n_split > 1 else scratch
+    workspace = scratch[ws_at:] if n_split > 1 else scratch
     style = target is not None
     if style:
         if tuple(target.shape) not in ((channels, channels), (batch, channels, channels)):
@@ -259,7 +315,7 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
         stb, stc, str_ = target.stride()
     else:
         target, stb, stc, str_ = out, 0, 0, 0  # unused by the kernel
-    grid = (tiles * tiles, n_split, batch)
+    grid = grid_1d(batch * n_split * tiles * tiles, "the Gram kernel")
     _gram_kernel[grid](
         x, target, out, workspace, counters, loss, channels, positions, sxb, sxc, sxm, stb, stc, str_,
         tiles, chunk, n_split, float(loss_scale),
@@ -276,8 +332,10 @@ def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
     _, _, _, (sgb, sgc, sgm) = as_bcm(grad)
     if positions == 0:
         return grad.zero_()
+    check_positions(positions)
     d = d.float().contiguous()
-    grid = (triton.cdiv(channels, BLOCK_C), triton.cdiv(positions, BLOCK_M), x.shape[0])
+    grid = grid_1d(x.shape[0] * triton.cdiv(channels, BLOCK_C) * triton.cdiv(positions, BLOCK_M),
+                   "the Gram backward kernel")
     _gram_backward_kernel[grid](
         d, xv, grad, scale_tensor if scale_tensor is not None else d, float(scale), channels, positions,
         sxb, sxc, sxm, sgb, sgc, sgm, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_K=BACKWARD_BLOCK_K,
