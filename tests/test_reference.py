@@ -84,3 +84,63 @@ def test_style_loss_gradient_with_an_asymmetric_target():
     plain = sum(2.0 / (4 * 16 * 23**2) * ((y[b] @ y[b].T - target) ** 2).sum() for b in range(2))
     (expected,) = torch.autograd.grad(plain, y)
     torch.testing.assert_close(grad, expected)
+
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _gram_f64(x):
+    f = x.double().flatten(2)
+    return f @ f.transpose(1, 2)
+
+
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES, ids=str)
+@pytest.mark.parametrize("feature_dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gram_under_autocast_stays_fp32(autocast_dtype, feature_dtype):
+    """Autocast casts the operands of @ to 16 bits; the twin must not let it (the issue's case:
+    fp32 features (1, 64, 4096) under bf16 autocast gave a bf16 G, 3.6e-3 off).  The result equals
+    the Gram of the same features in float64 to fp32 rounding."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 64, 64, 64, generator=g).to(feature_dtype)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out = reference.gram(x)
+    assert out.dtype == torch.float32
+    expected = _gram_f64(x)
+    error = (out.double() - expected).abs().max() / expected.abs().max()
+    assert error < 2e-6, f"relative error {error:.3g}"
+
+
+def test_gram_of_fp16_features_under_fp16_autocast_does_not_overflow():
+    """G ~ M F^2 passes fp16's 65504 at conv1_1 sizes; accumulated in fp32 it stays finite."""
+    x = torch.full((1, 8, 4096), 4.0, dtype=torch.float16)  # every G entry is 4096 * 16 = 65536
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = reference.gram(x)
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((1, 8, 8), 65536.0))
+
+
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES, ids=str)
+def test_style_and_content_losses_under_autocast_match_float64(autocast_dtype):
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 32, 16, 16, generator=g).to(autocast_dtype)
+    basis = torch.randn(32, 64, generator=g, dtype=torch.float64)
+    target = basis @ basis.T * 4.0
+    content_target = torch.randn(2, 32, 16, 16, generator=g).to(autocast_dtype)
+    weight = float(32 * 256)
+    leaf = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        style = reference.style_loss(leaf, target.float(), weight)
+        content = reference.content_loss(leaf, content_target)
+    assert style.dtype == torch.float32 and content.dtype == torch.float32
+    (grad,) = torch.autograd.grad(style, leaf)
+
+    x64 = x.double().requires_grad_(True)
+    expected = reference.style_loss(x64, target, weight)
+    (expected_grad,) = torch.autograd.grad(expected, x64)
+    torch.testing.assert_close(style.double(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(content.double(), reference.content_loss(x.double(), content_target.double()),
+                               rtol=1e-5, atol=0)
+    # The gradient is returned in the features' 16-bit dtype: one rounding of that dtype.
+    tolerance = {torch.bfloat16: 2**-8, torch.float16: 2**-11}[autocast_dtype]
+    assert grad.dtype == autocast_dtype
+    error = (grad.double() - expected_grad).abs().max() / expected_grad.abs().max()
+    assert error <= tolerance, f"gradient relative error {error:.3g}"

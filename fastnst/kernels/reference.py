@@ -2,16 +2,28 @@
 
 These are the CPU path and the oracle the Triton kernels are tested against.  Inputs may be
 bf16/fp16; everything is accumulated and returned in fp32 (fp64 inputs stay fp64, which is what
-gradcheck needs).
+gradcheck needs).  That holds under autocast too: autocast would cast the operands of ``@`` back
+down to 16 bits (a bf16 G of conv1_1 features is off by ~4e-3; an fp16 one overflows, G ~ M F^2),
+so the products here run with autocast switched off, as the Triton kernels do.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
+
+
+def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A context in which x's device runs no autocast (a no-op where none is active)."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -24,9 +36,10 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def gram(x: torch.Tensor) -> torch.Tensor:
-    """G = F F^T per batch element, unnormalised: (B, C, C) fp32."""
+    """G = F F^T per batch element, unnormalised: (B, C, C) fp32, whatever autocast is on."""
     f = _flat(x)
-    return f @ f.transpose(1, 2)
+    with _full_precision(f):
+        return f @ f.transpose(1, 2)
 
 
 class _StyleLoss(torch.autograd.Function):
@@ -41,7 +54,8 @@ class _StyleLoss(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, target_gram: torch.Tensor, weight: float) -> torch.Tensor:
         f = _flat(x)
         channels, positions = f.shape[1], f.shape[2]
-        diff = f @ f.transpose(1, 2) - _wide(target_gram)
+        with _full_precision(f):
+            diff = f @ f.transpose(1, 2) - _wide(target_gram)
         # The scale is formed in Python (double): 4 C^2 M^2 passes 1e15 at 512 px and would lose
         # digits if formed in fp32 first.
         scale = weight / (4.0 * channels**2 * positions**2)
@@ -52,8 +66,9 @@ class _StyleLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, diff = ctx.saved_tensors
-        symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out
-        grad = (symmetric @ _flat(x)).view(x.shape).to(x.dtype)
+        with _full_precision(diff):
+            symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out
+            grad = (symmetric @ _flat(x)).view(x.shape).to(x.dtype)
         return grad, None, None
 
 
@@ -68,5 +83,6 @@ def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) 
 
 
 def content_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1/2 sum (F - P)^2."""
-    return 0.5 * (_wide(x) - _wide(target)).square().sum()
+    """1/2 sum (F - P)^2, in fp32 whatever autocast is on."""
+    with _full_precision(x):
+        return 0.5 * (_wide(x) - _wide(target)).square().sum()
