@@ -233,7 +233,8 @@ def estimated_bytes(size: int, mode: str, precision: str, history: int) -> int:
 def _mode_settings(mode: str) -> dict:
     """StyleConfig changes of each mode relative to the fast path (the defaults)."""
     return {"fast": {}, "fp32": {"precision": "fp32"}, "eager": {"cuda_graph": False},
-            "torch": {"backend": "torch"}}[mode]
+            "torch": {"backend": "torch"},
+            "plain": {"precision": "fp32", "cuda_graph": False, "backend": "torch"}}[mode]
 
 
 def resolved_mode(mode: str, device: torch.device) -> tuple[str, bool, str]:
@@ -246,43 +247,55 @@ def resolved_mode(mode: str, device: torch.device) -> tuple[str, bool, str]:
 
 
 def bench_rows(sizes, optimizers, modes, device: torch.device, iterations: int, repeats: int, warmup: int,
-               progress=print) -> list[BenchRow]:
+               progress=print, on_row=None) -> list[BenchRow]:
     """Time every (size, optimizer, mode); ablations equal to the fast path on this device are
-    listed as such instead of being timed twice."""
+    listed as such instead of being timed twice.  ``on_row(rows)`` is called after every row, so
+    a caller can save what is measured before a long run ends (or is interrupted)."""
+    on_row = on_row or (lambda rows: None)
     rows: list[BenchRow] = []
-    fast = resolved_mode("fast", device)
-    history = StyleConfig().lbfgs_history
+    fast = resolved_mode("fast", device) if "fast" in modes else None
     for size in sizes:
         for optimizer in optimizers:
-            reference_seconds = None
+            group = []
             for mode in modes:
                 row = BenchRow(size=size, optimizer=optimizer, mode=mode)
                 rows.append(row)
-                if mode != "reference" and mode != "fast" and resolved_mode(mode, device) == fast:
-                    row.status = f"same as fast on {device.type}"
-                    continue
-                precision = "fp32" if mode == "reference" else resolved_mode(mode, device)[0]
-                need, free = estimated_bytes(size, mode, precision, history), available_bytes(device)
-                if free is not None and need > free:
-                    row.status = (f"does not fit: needs about {need / 2**30:.1f} GiB, "
-                                  f"{free / 2**30:.1f} GiB free")
-                    progress(f"{size} px {optimizer} {mode}: {row.status}")
-                    continue
-                try:
-                    timing = _time_mode(mode, size, optimizer, device, iterations, repeats, warmup)
-                except torch.cuda.OutOfMemoryError:
-                    row.status = "does not fit: out of memory"
-                    _reset_peak(device)
-                    progress(f"{size} px {optimizer} {mode}: {row.status}")
-                    continue
-                _fill(row, timing)
-                if mode == "reference":
-                    reference_seconds = timing.seconds_per_iteration
-                progress(f"{size} px {optimizer} {mode}: {timing.seconds_per_iteration:.4f} s/iter")
-            for row in rows:
-                if row.size == size and row.optimizer == optimizer and row.s_per_iter and reference_seconds:
-                    row.speedup_vs_reference = reference_seconds / row.s_per_iter
+                group.append(row)
+                _measure(row, fast, device, iterations, repeats, warmup, progress)
+                on_row(rows)
+            reference = next((r.s_per_iter for r in group if r.mode == "reference" and r.s_per_iter), None)
+            if reference:
+                for row in group:
+                    if row.s_per_iter:
+                        row.speedup_vs_reference = reference / row.s_per_iter
+                on_row(rows)
     return rows
+
+
+def _measure(row: BenchRow, fast: tuple | None, device: torch.device, iterations: int, repeats: int, warmup: int,
+             progress) -> None:
+    """Time one row in place, or say in its status why it was not timed (``fast``: what the fast
+    path amounts to on this device when it is timed too, so an equal ablation is not timed twice)."""
+    label = f"{row.size} px {row.optimizer} {row.mode}"
+    if fast is not None and row.mode not in ("reference", "fast") and resolved_mode(row.mode, device) == fast:
+        row.status = f"same as fast on {device.type}"
+        return
+    precision = "fp32" if row.mode == "reference" else resolved_mode(row.mode, device)[0]
+    need = estimated_bytes(row.size, row.mode, precision, StyleConfig().lbfgs_history)
+    free = available_bytes(device)
+    if free is not None and need > free:
+        row.status = f"does not fit: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+        progress(f"{label}: {row.status}")
+        return
+    try:
+        timing = _time_mode(row.mode, row.size, row.optimizer, device, iterations, repeats, warmup)
+    except torch.cuda.OutOfMemoryError:
+        row.status = "does not fit: out of memory"
+        _reset_peak(device)
+        progress(f"{label}: {row.status}")
+        return
+    _fill(row, timing)
+    progress(f"{label}: {timing.seconds_per_iteration:.4f} s/iter")
 
 
 def _time_mode(mode, size, optimizer, device, iterations, repeats, warmup) -> StepTiming:

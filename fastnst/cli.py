@@ -351,16 +351,32 @@ def _bench(args: argparse.Namespace) -> int:
     if config.plot:
         bench_report.check_plot_path(config.plot)
     progress = (lambda message: None) if config.quiet else (lambda message: _say(message))
+
+    def save(rows, max_sizes=None) -> None:
+        if config.json:
+            text = json.dumps(bench.as_json(rows, config, max_sizes), indent=1) + "\n"
+            atomic_write(config.json, lambda stream: stream.write(text.encode()), UsageError)
+
     if config.max_size:  # a search instead of the timing table
         rows = []
         max_sizes = {mode: bench.max_size(mode, device, progress=progress)
                      for mode in ("fast", *(["reference"] if config.reference else []))}
     else:
         sizes = config.sizes or ((256, 512, 1024) if device.type == "cuda" else (128, 256))
-        modes = ["fast", *(["fp32", "eager", "torch"] if config.ablate else []),
-                 *(["reference"] if config.reference else [])]
-        rows = bench.bench_rows(sizes, config.optimizers, modes, device, config.iterations, config.repeats,
-                                config.warmup, progress=progress)
+        measured: list = []
+
+        def keep(rows) -> None:  # after every row: a run stopped half-way keeps what it measured
+            measured[:] = rows
+            save(rows)
+
+        try:
+            rows = bench.bench_rows(sizes, config.optimizers, config.timed_modes(), device, config.iterations,
+                                    config.repeats, config.warmup, progress=progress, on_row=keep)
+        except KeyboardInterrupt:
+            done = sum(1 for row in measured if row.s_per_iter)
+            _say(f"interrupted; {done} measured rows" + (f" are in {config.json}" if config.json and measured
+                                                          else " (no --json: not written)"))
+            return EXIT_INTERRUPTED
         max_sizes = None
     result = bench.as_json(rows, config, max_sizes)
     head = result["headline"]
@@ -371,9 +387,7 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench.format_table(rows))
     if max_sizes:
         print("largest square image that fits: " + ", ".join(f"{mode} {size} px" for mode, size in max_sizes.items()))
-    if config.json:
-        text = json.dumps(result, indent=1) + "\n"
-        atomic_write(config.json, lambda stream: stream.write(text.encode()), UsageError)
+    save(rows, max_sizes)
     if config.plot and rows:
         bench_report.plot(result["results"], list(bench.PUBLISHED), config.plot,
                           f"{result['meta']['device']}, torch {torch.__version__}, {result['meta']['date'][:10]}")

@@ -319,7 +319,8 @@ def _range_text(low: float | None, above: float | None, high: float | None) -> s
     return f">= {show(low)}"
 
 
-BENCH_MODES = ("fast", "fp32", "eager", "torch", "reference")
+BENCH_MODES = ("fast", "fp32", "eager", "torch", "plain", "reference")
+ABLATIONS = ("fp32", "eager", "torch")  # the fast path with one speed feature off
 
 
 @dataclass
@@ -339,6 +340,10 @@ class BenchConfig:
                           "(fp32 instead of bf16, eager instead of CUDA graph, torch kernels instead of "
                           "Triton)")
     reference: bool = option(True, "time the textbook reference (fastnst/reference_gatys.py)")
+    modes: tuple[str, ...] | None = option(
+        None, "exactly these modes, in this order, instead of fast [+ --ablate] [+ reference]: fast; fp32, "
+        "eager, torch (the fast path with one speed feature off); plain (all three off: fp32, eager, PyTorch "
+        "kernels); reference (the textbook)", metavar="MODE", many=True)
     device: str = option("auto", "where to run: auto, cpu, cuda or cuda:N", metavar="DEVICE")
     max_size: bool = option(False, "instead of timing, find the largest square image that fits, for the "
                             "fast path and the reference (CUDA only; bisection with real allocations)")
@@ -351,10 +356,16 @@ class BenchConfig:
     quiet: bool = option(False, "no progress lines, only the table")
 
     def __post_init__(self) -> None:
-        for name in ("sizes", "optimizers"):
+        for name in ("sizes", "optimizers", "modes"):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, tuple(value))
+
+    def timed_modes(self) -> tuple[str, ...]:
+        """The modes to time, in order: --modes, else fast, the ablations if asked, the reference."""
+        if self.modes is not None:
+            return tuple(dict.fromkeys(self.modes))
+        return ("fast", *(ABLATIONS if self.ablate else ()), *(("reference",) if self.reference else ()))
 
     def validate(self) -> "BenchConfig":
         for f in dataclasses.fields(self):
@@ -362,6 +373,11 @@ class BenchConfig:
         for name in self.optimizers:
             if name not in OPTIMIZERS:
                 raise ConfigError(f"--optimizers must be among {', '.join(OPTIMIZERS)}, not '{name}'")
+        for name in self.modes or ():
+            if name not in BENCH_MODES:
+                raise ConfigError(f"--modes must be among {', '.join(BENCH_MODES)}, not '{name}'")
+        if self.modes is not None and self.ablate:
+            raise ConfigError("give --modes or --ablate, not both (--modes fast fp32 eager torch is --ablate)")
         if self.device not in ("auto", "cpu", "cuda") and not _is_cuda_index(self.device):
             raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, not '{self.device}'")
         return self

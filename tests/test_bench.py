@@ -138,3 +138,41 @@ def test_readme_table_is_generated_from_committed_results(capsys):
     readme = (ROOT / "README.md").read_text()
     section = readme.split("<!-- bench-table:start -->")[1].split("<!-- bench-table:end -->")[0].strip()
     assert section == table, "README's benchmark table is stale: paste `fastnst bench --report benchmarks/results`"
+
+
+def test_modes_choose_and_order_the_rows(tmp_path):
+    """--modes times exactly the modes given; plain (fp32, eager, PyTorch kernels) is timed even on
+    the CPU, where it equals the fast path, because fast is not among them."""
+    out = tmp_path / "modes.json"
+    assert main(["bench", "--device", "cpu", "--sizes", "32", "--optimizers", "lbfgs", "--modes", "plain",
+                 "reference", "--iterations", "1", "--repeats", "1", "--warmup", "0", "--json", str(out),
+                 "--quiet"]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["mode"] for row in rows] == ["plain", "reference"]
+    plain = rows[0]
+    assert plain["s_per_iter"] > 0 and plain["precision"] == "fp32" and plain["backend"] == "torch"
+    assert plain["cuda_graph"] is False and plain["speedup_vs_reference"] > 0
+
+
+def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "partial.json"
+    calls = []
+    real = bench._time_mode
+
+    def second_call_interrupted(*args):
+        calls.append(args)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(bench, "_time_mode", second_call_interrupted)
+    assert main(["bench", "--device", "cpu", "--sizes", "32", "--optimizers", "lbfgs", "--iterations", "1",
+                 "--repeats", "1", "--warmup", "0", "--json", str(out)]) == 130
+    rows = json.loads(out.read_text())["results"]  # the reference row was cut short: not kept
+    assert [(row["mode"], row["status"]) for row in rows] == [("fast", "ok")] and rows[0]["s_per_iter"] > 0
+    assert f"interrupted; 1 measured rows are in {out}" in capsys.readouterr().err
+
+
+def test_modes_and_ablate_together_are_refused(capsys):
+    assert main(["bench", "--device", "cpu", "--modes", "fast", "--ablate"]) == 2
+    assert "give --modes or --ablate, not both" in capsys.readouterr().err
