@@ -22,11 +22,12 @@ Without CUDA it prints that it was skipped and exits 0.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # stage_util.py, beside this file, when imported
 
 # The style layers of the default objective: (name, channels, downsampling factor).
 STYLE_LAYERS = (("conv1_1", 64, 1), ("conv2_1", 128, 2), ("conv3_1", 256, 4), ("conv4_1", 512, 8),
@@ -77,12 +78,13 @@ def _style_step(fn, x, target):
     return run
 
 
-def bench(sizes, dtype_names, layouts) -> tuple[list[dict], dict]:
+def bench(sizes, dtype_names, layouts, on_row=lambda row: None, peaks=None) -> tuple[list[dict], dict]:
+    """Time every case; ``on_row(row)`` after each one (a caller can save as it goes)."""
     from triton.testing import do_bench
 
     from fastnst.kernels import reference, triton_gram, triton_style_loss
 
-    rows, peaks = [], {}
+    rows, peaks = [], {} if peaks is None else peaks
     for dtype_name in dtype_names:
         dtype = DTYPES[dtype_name]
         peak = peaks[dtype_name] = measure_peaks(dtype)
@@ -115,6 +117,7 @@ def bench(sizes, dtype_names, layouts) -> tuple[list[dict], dict]:
                                          layout=layout, op=op, impl=impl, ms=ms,
                                          tflops=flops / ms / 1e9, gbps=moved / ms / 1e6,
                                          floor_ms=floor_ms, x_floor=ms / floor_ms))
+                        on_row(rows[-1])
     return rows, peaks
 
 
@@ -144,26 +147,45 @@ def print_table(rows: list[dict], peaks: dict, overhead: dict) -> None:
               f"{r['ms']:9.4f} {r['tflops']:8.1f} {r['gbps']:7.0f} {r['floor_ms']:9.4f} {r['x_floor']:7.2f}")
 
 
+def summary(rows: list[dict]) -> str:
+    """The Triton rows' distance from their floors, per op: the median and the worst."""
+    parts = []
+    for op in ("gram", "style fwd+bwd"):
+        ratios = sorted(r["x_floor"] for r in rows if r["op"] == op and r["impl"] == "triton")
+        if ratios:
+            parts.append(f"{op} triton: median {ratios[len(ratios) // 2]:.2f}x floor, worst {ratios[-1]:.2f}x "
+                         f"({len(ratios)} cases)")
+    return "; ".join(parts) or "no rows measured"
+
+
 def main(argv=None) -> int:
+    from stage_util import Results, figures
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["bf16", "fp32"])
     parser.add_argument("--layouts", nargs="+", choices=["contiguous", "channels_last"],
                         default=["contiguous", "channels_last"])
-    parser.add_argument("--json", type=Path, help="also write the results and their provenance here")
+    parser.add_argument("--json", type=Path, help="also write the results and their provenance here, "
+                                                  "rewritten after every row")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: kernel benchmark skipped")
+        figures("skipped: no CUDA device")
         return 0
-    from fastnst.devices import run_metadata
+    results = Results(args.json, "fastnst kernel benchmark", peaks={})
 
-    rows, peaks = bench(args.sizes, args.dtypes, args.layouts)
+    def keep(row: dict) -> None:
+        results.add(row)
+        print(row, flush=True)
+        figures(summary(results.rows))
+
+    rows, peaks = bench(args.sizes, args.dtypes, args.layouts, on_row=keep, peaks=results.document["peaks"])
     overhead = launch_overhead_ms()
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"meta": run_metadata(), "peaks": peaks, "launch": overhead,
-                                         "results": rows}, indent=1) + "\n")
+    results.document["launch"] = overhead
+    results.save()
     print_table(rows, peaks, overhead)
+    figures(summary(rows))
     return 0
 
 

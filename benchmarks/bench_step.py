@@ -27,26 +27,12 @@ TITAN_X_S_PER_ITER = {256: 0.032, 512: 0.110, 1024: 0.429}
 
 
 def profile_summary(size: int = 1024, steps: int = 5) -> str:
-    """The top kernels by CUDA time over a few eager bf16 steps."""
-    from torch.profiler import ProfilerActivity, profile
+    """The top kernels by CUDA time over a few eager bf16 steps (profile_step.py's table)."""
+    from profile_step import profiled_step, table, top_kernels
 
-    from fastnst.config import StyleConfig
-    from fastnst.engine import prepare
-    from fastnst.objective import feature_layers
-    from fastnst.vgg import VGGFeatures, random_state_dict
-
-    config = StyleConfig(size=size)
-    content, style = (torch.rand(1, 3, size, size, device="cuda") for _ in range(2))
-    network = VGGFeatures(feature_layers(config), random_state_dict(0)).cuda()
-    run = prepare(network, content, [style], config, "bf16", graphed=False)
-    for _ in range(3):
-        run.step(run.image)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            run.step(run.image)
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=20)
+    device = torch.device("cuda")
+    rows, busy_ms = top_kernels(profiled_step(size, "bf16", device, steps), device, steps)
+    return f"{size} px bf16, eager: device busy {busy_ms:.3f} ms/step\n" + table(rows)
 
 
 def main(argv=None) -> int:

@@ -1,63 +1,36 @@
 #!/usr/bin/env bash
-# One-shot GPU validation, most valuable first, each stage under a time limit so the whole script
-# ends within about 13 minutes of device time (timeouts add up to 760 s; expect far less):
-#   1. the GPU-marked tests and the kernel tests compiled for CUDA      (<= 150 s)
-#   2. fastnst bench: 512/1024/2048 px, L-BFGS and Adam, ablations, reference, plot (<= 150 s),
-#      then the largest image that fits, fast path and reference        (<=  90 s)
-#   3. the kernel benchmark (Triton vs the PyTorch twins, with floors)  (<=  80 s)
-#   4. fp32-eager step timing and a profiler summary of the bf16 step   (<=  50 s)
-#   5. an 8192 px image, tiled automatically, 10 Adam iterations        (<= 120 s)
-#   6. batch mode vs a loop of single renders at 512 px                 (<= 120 s)
-# Writes everything to DIR (default benchmarks/results/) and prints a short summary last.
-# Runs from the source tree (PYTHONPATH=.), installs nothing.
+# First contact with a GPU machine: the most decisive evidence first, each stage under its own
+# time limit, and results that come back even when a stage fails or the call is cut short.
 #
-#   FASTNST_COMMIT=<sha> bash benchmarks/gpu_check.sh [DIR]
+#   FASTNST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check.sh DIR
+#   bash benchmarks/gpu_check.sh --dry-run DIR    # the same stages on the CPU, tiny (checks the script)
+#
+#   stage       limit  what
+#   0 env        20 s  device, SMs, driver, CUDA/cuDNN/torch/Triton versions; one Triton Gram vs float64
+#   1 kernels   100 s  the compiled kernels at the five style layers and conv4_2 of 512/1024/2048 px,
+#                      bf16/fp32/fp16, channels_last and contiguous, vs float64, NaN-poisoned outputs;
+#                      the split reduction 50 times at 512 splits (about 36 Triton compiles, ~2 s each)
+#   2 graph      50 s  CUDA-graph replay vs eager at 512 and 1024 px: one step, 20-step trajectories;
+#                      no host sync inside replays
+#   3 tests      90 s  the GPU-marked, kernel and launch-grid tests (pytest-xdist, per-test limit)
+#   4 timing     70 s  s/iter with L-BFGS at 512/1024/2048 px: fast path, plain (fp32, eager, PyTorch
+#                      kernels) and the textbook reference, each row saved as it is measured
+#   5 profile    30 s  the 15 CUDA kernels with the most time over three bf16 steps at 1024 px
+#
+# Limits add up to 360 s, 420 s at most with each stage's 10 s of grace after SIGINT: a 450 s call
+# leaves room to run it twice in one 15-minute lease.  DIR receives six files: summary.txt (a RESULT
+# line per stage, appended as it ends), kernels.json, graph.json, timing.json (a `fastnst bench`
+# result), profile.json, and logs.tgz (every stage's full log and the tests' JUnit report).
+# The costlier checks (max size, 8192 px tiled, batch, fp16 at 2048 px) are in gpu_check_more.sh.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${1:-benchmarks/results}
-mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
-stamp=$(date -u +%Y%m%dT%H%M%SZ)
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name().replace(' ', '-') if torch.cuda.is_available() else 'no-gpu')")
-status=0
+. "$(dirname "$0")/stages.sh"
+stages_begin "$@"
 
-python -m fastnst info > "$out/info-$gpu-$stamp.txt" 2>&1 || status=1
+stage 0 env 20 "$PY" benchmarks/check_env.py $dry_flag
+stage 1 kernels 100 "$PY" benchmarks/check_kernels.py $dry_flag --json "$out/kernels.json"
+stage 2 graph 50 "$PY" benchmarks/check_graph.py $dry_flag --json "$out/graph.json"
+stage 3 tests 90 "$PY" benchmarks/run_tests.py $dry_flag --junit "$work/logs/tests.xml"
+stage 4 timing 70 "$PY" benchmarks/check_timing.py $dry_flag --json "$out/timing.json"
+stage 5 profile 30 "$PY" benchmarks/profile_step.py $dry_flag --json "$out/profile.json"
 
-echo "== 1. tests on the GPU"
-timeout 150 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py \
-    --junitxml="$out/gpu-tests-$gpu-$stamp.xml" > "$out/gpu-tests-$gpu-$stamp.log" 2>&1 || status=1
-tail -n 4 "$out/gpu-tests-$gpu-$stamp.log"
-
-echo "== 2. fastnst bench, then the largest image per mode"
-timeout 150 python -m fastnst bench --sizes 512 1024 2048 --ablate --iterations 10 --repeats 3 \
-    --json "$out/bench-$gpu-$stamp.json" --plot "$out/bench-$gpu-$stamp.png" \
-    > "$out/bench-$gpu-$stamp.txt" 2>&1 || status=1
-timeout 90 python -m fastnst bench --max-size --json "$out/maxsize-$gpu-$stamp.json" \
-    >> "$out/bench-$gpu-$stamp.txt" 2>&1 || status=1
-
-echo "== 3. kernel benchmark"
-timeout 80 python benchmarks/bench_kernels.py --sizes 512 1024 2048 --json "$out/kernels-$gpu-$stamp.json" \
-    > "$out/kernels-$gpu-$stamp.txt" 2>&1 || status=1
-
-echo "== 4. fp32-eager step and profile"
-timeout 50 python benchmarks/bench_step.py --modes fp32-eager --profile --json "$out/step-$gpu-$stamp.json" \
-    > "$out/step-$gpu-$stamp.txt" 2>&1 || status=1
-
-echo "== 5. a large image: 8192 px, Adam, --tile auto, 10 iterations, timed"
-timeout 120 python -m fastnst stylize examples/tubingen.jpg examples/starry_night.jpg -o "$out/large-$gpu-$stamp.jpg" \
-    --weights random --size 8192 --iterations 10 --optimizer adam --tile auto --verbose \
-    > "$out/large-$gpu-$stamp.txt" 2>&1 || status=1
-
-echo "== 6. batch mode against a loop of single renders, 512 px"
-timeout 120 python benchmarks/bench_batch.py --size 512 --jobs 16 --batch-size 8 --iterations 20 \
-    --json "$out/batch-$gpu-$stamp.json" > "$out/batch-$gpu-$stamp.txt" 2>&1 || status=1
-
-echo "== summary ($gpu, $stamp, exit $status)"
-head -n 4 "$out/info-$gpu-$stamp.txt"
-grep -E "^headline|^ size| fast | reference |^largest" "$out/bench-$gpu-$stamp.txt" | head -n 30
-grep -E "^measured|^launch|^ 1024 .* bf16 +channels_last" "$out/kernels-$gpu-$stamp.txt" | head -n 16
-head -n 5 "$out/step-$gpu-$stamp.txt"
-grep "fastnst:" "$out/large-$gpu-$stamp.txt" | tail -n 4
-tail -n 2 "$out/batch-$gpu-$stamp.txt"
-exit $status
+stages_end

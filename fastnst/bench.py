@@ -356,12 +356,13 @@ def fits(mode: str, size: int, device: torch.device, optimizer: str = "lbfgs") -
     """Whether a real run of ``mode`` at ``size`` survives two iterations on ``device``.
 
     Out of memory is the usual failure; at extreme sizes cuDNN or a kernel may refuse instead
-    (allocation failures inside cuDNN, 32-bit index limits), which equally means "does not fit".
+    (allocation failures inside cuDNN, 32-bit index limits, a launcher's ValueError for features
+    beyond what one launch indexes), which equally means "does not fit".
     """
     try:
         _time_mode(mode, size, optimizer, device, iterations=1, repeats=1, warmup=1)
         return True
-    except RuntimeError:  # torch.cuda.OutOfMemoryError is a RuntimeError
+    except (RuntimeError, ValueError):  # torch.cuda.OutOfMemoryError is a RuntimeError
         return False
     finally:
         _reset_peak(device)

@@ -16,18 +16,19 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 
 
 def load_results(folder: str | Path) -> list[dict]:
-    """Every ``fastnst bench`` result file in ``folder``, oldest first (other JSON is ignored)."""
+    """Every ``fastnst bench`` result file in ``folder`` or its subfolders (a GPU check's folder
+    is committed whole), oldest first; other JSON is ignored."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ConfigError(f"--report: '{folder}' is not a folder")
     runs = []
-    for path in sorted(folder.glob("*.json")):
+    for path in sorted(folder.rglob("*.json")):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--report: cannot read '{path}' ({exc})") from None
         if isinstance(data, dict) and data.get("kind") == "fastnst bench":
-            data["file"] = path.name
+            data["file"] = path.relative_to(folder).as_posix()
             runs.append(data)
     return sorted(runs, key=lambda run: run["meta"]["date"])
 

@@ -1,0 +1,102 @@
+"""benchmarks/gpu_check.sh cannot rot between GPU draws: its dry run (the same stages on the CPU,
+tiny, Triton interpreted) must leave what the GPU machine can send back, and its stage machinery
+must report a stage stopped by its time limit with the figures it had."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# What comes back from the GPU machine: at most 8 files, names of letters, digits, '.', '_', '-'.
+RETURNED_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+RESULT = re.compile(r"^RESULT (\d+) (ok|FAIL) ([a-z-]+): (.*) \((\d+)s\)$")
+
+
+def _run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHON=sys.executable)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_dry_run_leaves_six_files_and_a_result_per_stage(tmp_path):
+    out = tmp_path / "first contact"  # a space in the path must not matter
+    proc = _run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], timeout=240)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = [path for path in out.rglob("*") if path.is_file()]
+    names = sorted(path.name for path in files)
+    assert names == ["graph.json", "kernels.json", "logs.tgz", "profile.json", "summary.txt", "timing.json"]
+    assert all(RETURNED_NAME.match(name) and path.parent == out for name, path in zip(names, sorted(files)))
+
+    results = [RESULT.match(line) for line in (out / "summary.txt").read_text().splitlines()]
+    assert all(results), (out / "summary.txt").read_text()
+    assert [(m.group(1), m.group(2), m.group(3)) for m in results] == [
+        ("0", "ok", "env"), ("1", "ok", "kernels"), ("2", "ok", "graph"), ("3", "ok", "tests"),
+        ("4", "ok", "timing"), ("5", "ok", "profile")]
+    assert "triton gram ok" in results[0].group(4) and "24/24 of 24 cases ok" in results[1].group(4)
+    assert "passed, 0 failed, 0 error" in results[3].group(4)
+    assert proc.stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())  # summary printed last
+
+    kernels = json.loads((out / "kernels.json").read_text())
+    assert kernels["meta"]["commit"] and all(row["ok"] for row in kernels["results"])
+    assert any(row.get("kind") == "split stress" for row in kernels["results"])
+    timing = json.loads((out / "timing.json").read_text())
+    assert timing["kind"] == "fastnst bench"  # what `fastnst bench --report` reads
+    assert [row["mode"] for row in timing["results"]] == ["fast", "plain", "reference"] * 2
+    assert json.loads((out / "profile.json").read_text())["results"]
+    with tarfile.open(out / "logs.tgz") as archive:
+        logged = set(archive.getnames())
+    assert {f"logs/{stage}.log" for stage in ("0-env", "1-kernels", "2-graph", "3-tests", "4-timing", "5-profile")
+            } | {"logs/tests.xml"} <= logged
+
+
+def test_a_stage_past_its_limit_or_failing_is_reported_with_its_figures(tmp_path):
+    """A stage stopped by SIGINT at its limit keeps the figures it printed; a failing stage shows
+    its exit status; the script's status is non-zero; logs.tgz holds both logs."""
+    slow = tmp_path / "slow_stage.py"
+    slow.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+        "from stage_util import figures, run_stage\n"
+        "def main():\n"
+        "    figures('3 of 10 measured')\n"
+        "    time.sleep(60)\n"
+        "run_stage(main)\n")
+    script = tmp_path / "two_stages.sh"
+    script.write_text(
+        "set -uo pipefail\n"
+        f". {ROOT / 'benchmarks' / 'stages.sh'}\n"
+        'stages_begin "$@"\n'
+        f'stage 0 slow 2 "$PY" {slow}\n'
+        'stage 1 broken 20 "$PY" -c "import sys; print(\'half done\'); sys.exit(3)"\n'
+        "stages_end\n")
+    out = tmp_path / "out"
+    proc = _run(["bash", str(script), str(out)], timeout=60)
+    assert proc.returncode == 1
+    lines = (out / "summary.txt").read_text().splitlines()
+    assert re.match(r"^RESULT 0 FAIL slow: time limit 2s reached; 3 of 10 measured \([23]s\)$", lines[0]), lines
+    assert re.match(r"^RESULT 1 FAIL broken: exit 3; half done \(\d+s\)$", lines[1]), lines
+    with tarfile.open(out / "logs.tgz") as archive:
+        slow_log = archive.extractfile("logs/0-slow.log").read().decode()
+    assert "stage interrupted (time limit)" in slow_log  # SIGINT reached Python, not SIGKILL
+
+
+def test_usage_error_without_a_folder():
+    proc = _run(["bash", "benchmarks/gpu_check.sh"], timeout=30)
+    assert proc.returncode == 2 and "usage: bash" in proc.stderr
+
+
+def test_more_checks_dry_run_stays_within_what_comes_back(tmp_path):
+    out = tmp_path / "more"
+    proc = _run(["bash", "benchmarks/gpu_check_more.sh", "--dry-run", str(out)], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    files = [path for path in out.rglob("*") if path.is_file()]
+    assert len(files) <= 6 and all(RETURNED_NAME.match(p.name) and p.parent == out for p in files)
+    results = [RESULT.match(line) for line in (out / "summary.txt").read_text().splitlines()]
+    assert [(m.group(1), m.group(2), m.group(3)) for m in results] == [
+        ("0", "ok", "env"), ("1", "ok", "kernel-bench"), ("2", "ok", "max-size"), ("3", "ok", "large"),
+        ("4", "ok", "batch")]
