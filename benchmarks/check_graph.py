@@ -30,19 +30,6 @@ STEPS = 20
 
 
 @contextlib.contextmanager
-def deterministic(on: bool):
-    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    if on:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.backends.cudnn.benchmark = previous[1]
-
-
-@contextlib.contextmanager
 def no_sync_allowed(device: torch.device):
     """Any host synchronisation inside raises (CUDA only)."""
     if device.type != "cuda":
@@ -92,7 +79,9 @@ def one_step(size, precision, device) -> dict:
 
 
 def trajectory(size, precision, device, exact: bool) -> dict:
-    with deterministic(exact):
+    from fastnst.kernels.backend import deterministic
+
+    with deterministic() if exact else contextlib.nullcontext():
         (eager_losses, _, eager_image), (graph_losses, _, graph_image) = (
             run_steps(size, precision, graphed, STEPS, device) for graphed in (False, True))
     loss_difference = ((graph_losses - eager_losses).abs() / eager_losses.abs()).max().item()

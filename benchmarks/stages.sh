@@ -22,6 +22,9 @@ stages_begin() {
         echo "usage: bash $0 [--dry-run] DIR" >&2
         exit 2
     fi
+    for tool in timeout tar; do
+        command -v "$tool" > /dev/null || { echo "$0: '$tool' is missing (coreutils, tar)" >&2; exit 2; }
+    done
     mkdir -p "$1" || exit 2
     out=$(cd "$1" && pwd)
     cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2

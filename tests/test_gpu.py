@@ -9,6 +9,7 @@ import torch
 
 from fastnst import StyleConfig, render
 from fastnst.engine import GraphedStep, prepare
+from fastnst.kernels.backend import deterministic
 from fastnst.objective import feature_layers
 from fastnst.vgg import VGGFeatures, random_state_dict
 
@@ -37,21 +38,6 @@ def test_cuda_fp32_run_matches_cpu_run(optimizer, content_path, style_path, smal
     gpu_losses = torch.tensor([loss for _, loss in gpu.losses])
     torch.testing.assert_close(gpu_losses, cpu_losses, rtol=1e-3, atol=0)
     torch.testing.assert_close(gpu.image, cpu.image, rtol=0, atol=1e-2)
-
-
-@contextlib.contextmanager
-def deterministic():
-    """Deterministic algorithms: the Triton Gram sums each tile in one program (no float atomics)
-    and cuDNN picks deterministic convolution algorithms.  warn_only: an op without a deterministic
-    CUDA implementation warns instead of failing the test."""
-    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.backends.cudnn.benchmark = previous[1]
 
 
 def _prepared(precision: str, graphed: bool, size: int = 128):

@@ -142,9 +142,9 @@ def test_content_loss_with_different_layouts():
 
 
 def test_deterministic_algorithms_turn_the_split_off(monkeypatch):
-    """With torch.use_deterministic_algorithms(True) each tile is summed by one program in a fixed
-    order (no float atomics), so G is the same bits on every run; otherwise conv1_1-like shapes
-    are split over programs."""
+    """Under kernels.backend.deterministic() (torch.use_deterministic_algorithms) each tile is
+    summed by one program in a fixed order (no float atomics), so G is the same bits on every run;
+    otherwise conv1_1-like shapes are split over programs."""
     kernel_class = type(triton_gram._gram_kernel)
     original_run = kernel_class.run
     splits = []
@@ -156,12 +156,10 @@ def test_deterministic_algorithms_turn_the_split_off(monkeypatch):
 
     monkeypatch.setattr(kernel_class, "run", record)
     x = _features(1, 64, 1009, torch.float32, "contiguous", seed=4)
-    previous = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    with backend.deterministic():
+        assert torch.are_deterministic_algorithms_enabled()
         out, _ = triton_gram.launch_gram(x)
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    assert not torch.are_deterministic_algorithms_enabled()  # the previous state is back
     triton_gram.launch_gram(x)
     assert splits == [False, True]
     _close(out, _gram64(x), VALUE_TOLERANCE, "deterministic gram")

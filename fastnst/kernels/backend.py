@@ -8,8 +8,10 @@ else ``auto``; a StyleConfig's ``backend`` overrides both for one run.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 from types import SimpleNamespace
 
 import torch
@@ -96,3 +98,18 @@ def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespa
     from .triton_style_loss import style_loss
 
     return SimpleNamespace(name=name, gram=gram, style_loss=style_loss, content_loss=content_loss)
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Runs inside give the same bits every time: PyTorch's deterministic algorithms (which also
+    turn the Triton Gram's split, and its float atomics, off) and no cuDNN autotuning.  An op
+    without a deterministic implementation warns instead of failing (warn_only)."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.backends.cudnn.benchmark = previous[1]
