@@ -176,3 +176,15 @@ def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch, 
 def test_modes_and_ablate_together_are_refused(capsys):
     assert main(["bench", "--device", "cpu", "--modes", "fast", "--ablate"]) == 2
     assert "give --modes or --ablate, not both" in capsys.readouterr().err
+
+
+def test_report_reads_a_committed_gpu_check_folder(tmp_path, bench_json):
+    """A GPU check's folder is committed whole: its timing.json (a fastnst bench result) is found
+    in the subfolder and named by its path there; its other JSON files are not bench results."""
+    run = tmp_path / "h100-20261201"
+    run.mkdir()
+    (run / "timing.json").write_text(json.dumps(bench_json))
+    (run / "kernels.json").write_text(json.dumps({"kind": "fastnst gpu check: kernels", "results": []}))
+    runs = bench_report.load_results(tmp_path)
+    assert [r["file"] for r in runs] == ["h100-20261201/timing.json"]
+    assert "`h100-20261201/timing.json`" in bench_report.markdown_table(runs)
