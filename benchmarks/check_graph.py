@@ -44,15 +44,13 @@ def no_sync_allowed(device: torch.device):
 
 def prepared(size: int, precision: str, graphed: bool, device: torch.device):
     from fastnst.config import StyleConfig
-    from fastnst.engine import prepare
-    from fastnst.objective import feature_layers
-    from fastnst.vgg import VGGFeatures, random_state_dict
+    from fastnst.run import Inputs, build_run, resolve_runtime
 
-    config = StyleConfig(size=size, optimizer="lbfgs")
+    config = StyleConfig(size=size, optimizer="lbfgs", weights="random", precision=precision, cuda_graph=graphed,
+                         quiet=True)
     g = torch.Generator().manual_seed(3)
     content, style = (torch.rand(1, 3, size, size, generator=g).to(device) for _ in range(2))
-    network = VGGFeatures(feature_layers(config), random_state_dict(0)).to(device)
-    return prepare(network, content, [style], config, precision, graphed and device.type == "cuda")
+    return build_run(resolve_runtime(config, device), config, Inputs(content=content, styles=[style]))
 
 
 def run_steps(size, precision, graphed, steps, device):

@@ -24,17 +24,10 @@ def profiled_step(size: int, precision: str, device: torch.device, steps: int = 
     from torch.profiler import ProfilerActivity, profile
 
     from fastnst.config import StyleConfig
-    from fastnst.engine import prepare
-    from fastnst.objective import feature_layers
-    from fastnst.vgg import VGGFeatures, random_state_dict
+    from fastnst.run import build_run, resolve_runtime, synthetic_inputs
 
-    config = StyleConfig(size=size)
-    g = torch.Generator().manual_seed(0)
-    content, style = (torch.rand(1, 3, size, size, generator=g).to(device) for _ in range(2))
-    network = VGGFeatures(feature_layers(config), random_state_dict(0)).to(device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    run = prepare(network, content, [style], config, precision, graphed=False)
+    config = StyleConfig(size=size, weights="random", precision=precision, cuda_graph=False, quiet=True)
+    run = build_run(resolve_runtime(config, device), config, synthetic_inputs(size, device))
     for _ in range(warmup):
         run.step(run.image)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -13,10 +13,8 @@ import torch
 
 from fastnst import StyleConfig
 from fastnst import reference_gatys as textbook
-from fastnst.engine import prepare
-from fastnst.objective import feature_layers
-from fastnst.precision import resolve_precision
-from fastnst.vgg import VGGFeatures, random_state_dict
+from fastnst.run import build_run, resolve_runtime, synthetic_inputs
+from fastnst.vgg import random_state_dict
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = (512, 1024) if DEVICE.type == "cuda" else (64, 128)
@@ -34,11 +32,8 @@ def _synchronised(step):
 
 
 def _fastnst_step(size: int):
-    config = StyleConfig(size=size)
-    content, style = (torch.rand(1, 3, size, size, device=DEVICE) for _ in range(2))
-    network = VGGFeatures(feature_layers(config), random_state_dict(0)).to(DEVICE)
-    run = prepare(network, content, [style], config, resolve_precision("auto", DEVICE),
-                  graphed=DEVICE.type == "cuda")
+    config = StyleConfig(size=size, weights="random", quiet=True)
+    run = build_run(resolve_runtime(config, DEVICE), config, synthetic_inputs(size, DEVICE))
     return lambda: run.step(run.image)
 
 

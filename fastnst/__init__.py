@@ -5,11 +5,10 @@
     picture.save("out.png")
 """
 
-__version__ = "0.1.0"
-
 from .api import render, stylize
 from .config import StyleConfig
 from .errors import FastNSTError
 from .images import load_image, save_image
+from .version import __version__
 
 __all__ = ["FastNSTError", "StyleConfig", "__version__", "load_image", "render", "save_image", "stylize"]

@@ -1,27 +1,32 @@
 """The Python API: stylise content images with style images, from paths, PIL images or tensors.
 
 ``render`` does the work and returns the full ``RunResult`` (the CLI uses it to save, report and
-handle interruption); ``stylize`` is the one-call convenience that returns a PIL image.
+handle interruption); ``stylize`` is the one-call convenience that returns a PIL image.  A render
+is a loop over scales of a batch of one: each scale is one run built by ``run.build_run``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-from . import color, kernels
-from .config import RANDOM_WEIGHTS_SEED, StyleConfig
+from . import color
+from .config import StyleConfig
 from .devices import resolve_device
-from .engine import RunResult, optimise, prepare
 from .errors import ConfigError, NonFiniteLossError, RunError
+from .files import check_writable
 from .images import image_to_tensor, load_image, resized, tensor_to_image
-from .objective import feature_layers
-from .precision import resolve_precision
-from .vgg import VGGFeatures, layer_stride, load_weights
+from .loop import Hooks, RunResult
+from .measure import ALIGN, auto_tile, free_bytes, is_out_of_memory, peak_bytes, release, reset_peak
+from .objective import check_fits, feature_layers
+from .run import Inputs, Runtime, build_run, calibrate, resolve_runtime
 
 
 def _as_list(styles) -> list:
@@ -30,13 +35,28 @@ def _as_list(styles) -> list:
     return [styles]
 
 
-def _check_fits(image: Image.Image, layers: Sequence[str], what: str) -> None:
-    """The deepest layer needs at least one feature position: each side >= its pooling stride."""
-    need = max(layer_stride(name) for name in layers)
-    if min(image.size) < need:
-        raise ConfigError(f"the {what} is {image.size[0]}x{image.size[1]} px after resizing; the "
-                          f"layers used need at least {need} px on each side (raise --size or "
-                          f"--style-scale, or use shallower layers)")
+@dataclass
+class _Sources:
+    """The decoded inputs of a render, before any resizing."""
+
+    content: Image.Image
+    styles: list[Image.Image]
+    masks: tuple | None  # (content masks or None, style masks or Nones) as grey images
+
+    def at(self, size: int, style_scale: float) -> tuple[Image.Image, list[Image.Image]]:
+        """Content and style images resized for a scale whose longest side is ``size``."""
+        return (resized(self.content, size),
+                [resized(image, max(1, round(size * style_scale))) for image in self.styles])
+
+
+@dataclass
+class _Scale:
+    """One scale of a render: its inputs, iterations and the loop's hooks."""
+
+    inputs: Inputs
+    size: tuple[int, int]  # (width, height)
+    iterations: int
+    hooks: Hooks
 
 
 def render(content, styles, config: StyleConfig | None = None, *,
@@ -56,50 +76,35 @@ def render(content, styles, config: StyleConfig | None = None, *,
     config.validate(n_styles=len(styles))
     notify = notify or logging.getLogger("fastnst").warning
     device = shard.device if shard is not None else resolve_device(config.device)
-    backend = kernels.resolve(device, config.backend)  # an unusable --backend fails before any work
-    precision = resolve_precision(config.precision, device)
-    if shard is not None and config.tile is None:
-        config = config.replace(tile="auto")  # tiles are what processes share
-
-    layers = feature_layers(config)
-    content_source = load_image(content)
-    style_sources = [load_image(style) for style in styles]
-    masks = _masks(config, len(styles))
+    tile_option = config.tile or ("auto" if shard is not None else None)  # tiles are what processes share
+    sources = _load(content, styles, config)
     log = _loss_log(config.log)
+    runtime = resolve_runtime(config, device)
+    reset_peak(device)
+    results, tiles_used, previous, done = [], [], None, 0
     sizes = config.scale_sizes()
-    for size in sizes:  # every scale must keep one feature position at the deepest layer
-        _check_fits(resized(content_source, size), layers, f"content image at {size} px")
-        for image in style_sources:
-            _check_fits(resized(image, max(1, round(size * config.style_scale))), layers,
-                        f"style image at {size} px")
-
-    network = build_network(config, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # shapes never change within a scale
-        torch.cuda.reset_peak_memory_stats(device)
-    results: list[RunResult] = []
-    previous, done, tiles_used = None, 0, []
     for index, size in enumerate(sizes):
-        content_image = resized(content_source, size)
-        style_images = [resized(image, max(1, round(size * config.style_scale))) for image in style_sources]
-        start = _upsampled(previous, content_image.size) if previous is not None else None
+        content_image, style_images = sources.at(size, config.style_scale)
+        original = image_to_tensor(content_image)
         label = f"{size} px" + (f" ({index + 1}/{len(sizes)})" if len(sizes) > 1 else "")
-        offset, original = done, image_to_tensor(content_image)
 
-        def scale_checkpoint(iteration, image, offset=offset, original=original):
+        def scale_checkpoint(iteration, image, offset=done, original=original):
             if checkpoint is not None:
                 checkpoint(offset + iteration, color.finish(config.preserve_color, image, original))
 
-        def on_loss(iteration, loss, offset=offset, size=size):
+        def on_loss(iteration, loss, offset=done, size=size):
             if log is not None:
                 log({"iteration": offset + iteration, "loss": loss, "size": size})
 
+        hooks = Hooks(report_every=config.report_every, progress=not config.quiet, label=label,
+                      checkpoint=scale_checkpoint, checkpoint_every=config.save_every, should_stop=should_stop,
+                      on_loss=on_loss)
+        scale = _Scale(_inputs(runtime, config, sources, content_image, style_images, previous),
+                       content_image.size, config.iterations_at(index), hooks)
         try:
-            result, tile = _run_scale(network, content_image, style_images, config, device, precision,
-                                      config.iterations_at(index), start, label, scale_checkpoint,
-                                      should_stop, notify, shard, masks, on_loss)
+            result, tile = _run_scale(runtime, config, scale, tile_option, notify, shard)
         except NonFiniteLossError as exc:
-            if precision == "fp16":
+            if runtime.precision == "fp16":
                 exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
                             f"try --precision bf16 or fp32",)
             exc.last_iteration += done
@@ -112,17 +117,35 @@ def render(content, styles, config: StyleConfig | None = None, *,
         previous = result.image  # the next scale continues in the space the transfer runs in
         if result.interrupted:
             break
-    results[-1] = dataclasses.replace(results[-1], image=color.finish(config.preserve_color, results[-1].image,
-                                                                      original))
-    graphed = device.type == "cuda" and config.cuda_graph and all(t is None for t in tiles_used)
-    return dataclasses.replace(_merge(results), device=str(device), precision=precision, backend=backend,
-                               cuda_graph=graphed, tile=tiles_used[-1], peak_memory_bytes=peak_memory_bytes(device))
+    final = dataclasses.replace(results[-1], image=color.finish(config.preserve_color, results[-1].image, original))
+    return dataclasses.replace(_merge(results[:-1] + [final]), device=str(device), precision=runtime.precision,
+                               backend=runtime.backend, cuda_graph=runtime.cuda_graph and all(
+                                   t is None for t in tiles_used),
+                               tile=tiles_used[-1], peak_memory_bytes=peak_bytes(device))
 
 
-def build_network(config: StyleConfig, device: torch.device) -> VGGFeatures:
-    """The VGG19 a configuration needs (its weights, pooling and layers), on ``device``."""
-    weights = load_weights(config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
-    return VGGFeatures(feature_layers(config), weights, pooling=config.pooling).to(device)
+def _load(content, styles: list, config: StyleConfig) -> _Sources:
+    """Decode every input and check each scale keeps one feature position at the deepest layer."""
+    layers = feature_layers(config)
+    sources = _Sources(load_image(content), [load_image(style) for style in styles], _masks(config, len(styles)))
+    for size in config.scale_sizes():
+        content_image, style_images = sources.at(size, config.style_scale)
+        check_fits(content_image, layers, f"content image at {size} px")
+        for image in style_images:
+            check_fits(image, layers, f"style image at {size} px")
+    return sources
+
+
+def _inputs(runtime: Runtime, config: StyleConfig, sources: _Sources, content_image: Image.Image,
+            style_images: list[Image.Image], previous: torch.Tensor | None) -> Inputs:
+    """One scale's tensors on the device, in the space the transfer runs in (colour control)."""
+    device = runtime.device
+    content = image_to_tensor(content_image).to(device)
+    styles = [image_to_tensor(image).to(device) for image in style_images]
+    content, styles = color.prepare_inputs(config.preserve_color, content, styles)
+    regions, style_regions = _regions_at(sources.masks, content_image, style_images, device)
+    start = None if previous is None else _upsampled(previous, content_image.size)
+    return Inputs(content=content, styles=styles, start=start, regions=regions, style_regions=style_regions)
 
 
 def _upsampled(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -138,52 +161,56 @@ def _merge(results: list[RunResult]) -> RunResult:
     for result in results:
         losses += [(offset + i, loss) for i, loss in result.losses]
         offset += result.iterations
-    last = results[-1]
-    return dataclasses.replace(last, iterations=offset, losses=losses,
+    return dataclasses.replace(results[-1], iterations=offset, losses=losses,
                                seconds=sum(r.seconds for r in results),
                                skipped_steps=sum(r.skipped_steps for r in results))
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
-
-
-def _run_scale(network, content_image, style_images, config, device, precision, iterations, start, label,
-               checkpoint, should_stop, notify, shard, masks, on_loss) -> tuple[RunResult, int | None]:
+def _run_scale(runtime: Runtime, config: StyleConfig, scale: _Scale, tile_option: str | None, notify,
+               shard) -> tuple[RunResult, int | None]:
     """Optimise at one scale; an untiled run out of memory falls back to tiles once, saying so."""
-    tile = _tile_for(config, content_image, device, notify)
-    width, height = content_image.size
+    width, height = scale.size
+    tile = _tile_for(config, tile_option, runtime.device, scale.size, notify)
     while True:
         try:
-            result = _optimise(network, content_image, style_images, config, device, precision, tile,
-                               iterations, start, label, checkpoint, should_stop, shard, masks, on_loss)
-            return result, tile
+            run = build_run(runtime, config, scale.inputs, tile=tile, shard=shard)
+            return run.optimise(scale.iterations, scale.hooks), tile
         except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_out_of_memory(exc):
+            if not is_out_of_memory(exc):
                 raise
-        _release(device)  # after the except block, so the failed attempt's tensors can be freed
+        run = None
+        release(runtime.device)  # after the except block, so the failed attempt's tensors can be freed
         if tile is not None:
-            raise RunError(f"out of memory on {device} at {width}x{height} px with {tile} px tiles; use a "
+            raise RunError(f"out of memory on {runtime.device} at {width}x{height} px with {tile} px tiles; use a "
                            f"smaller --tile, a lower --lbfgs-history, --optimizer adam, or a smaller --size")
-        from .plan import auto_tile, calibrate, free_bytes
-        from .tiling import ALIGN
-
         # The planner thought the whole image fits; it did not, so at least halve it.
-        tile = auto_tile(calibrate(config, device), height, width, free_bytes(device) or 0) or \
+        tile = auto_tile(calibrate(config, runtime.device), height, width, free_bytes(runtime.device) or 0) or \
             max(ALIGN, max(width, height) // 2 // ALIGN * ALIGN)
         notify(f"out of memory untiled at {width}x{height} px; retrying once with --tile {tile}")
+
+
+def _tile_for(config: StyleConfig, tile_option: str | None, device: torch.device, size: tuple[int, int],
+              notify) -> int | None:
+    """The tile size of this scale: --tile N, or what --tile auto's planner picks (None: untiled)."""
+    if tile_option is None:
+        return None
+    if tile_option != "auto":
+        return int(tile_option)
+    width, height = size
+    free = free_bytes(device)
+    if free is None:
+        notify("--tile auto: free memory unknown on this system; running untiled")
+        return None
+    tile = auto_tile(calibrate(config, device), height, width, free)
+    notify(f"--tile auto at {width}x{height} px: " + ("untiled (the whole image fits)" if tile is None
+                                                     else f"{tile} px tiles"))
+    return tile
 
 
 def _loss_log(path: str | None):
     """A writer appending one JSON line per loss read to ``path`` (checked now, before any work)."""
     if path is None:
         return None
-    import json
-    import time
-
-    from .files import check_writable
-
     check_writable(path, ConfigError)
     started = time.perf_counter()
 
@@ -218,61 +245,6 @@ def _regions_at(masks, content_image: Image.Image, style_images, device):
         [torch.ones(1, 1, content_image.size[1], content_image.size[0], device=device) for _ in style_images]
     style_regions = [None if m is None else tensor(m, image) for m, image in zip(style_masks, style_images)]
     return regions, style_regions
-
-
-def _release(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _tile_for(config: StyleConfig, content_image: Image.Image, device: torch.device, notify) -> int | None:
-    """The tile size of this scale: --tile N, or what --tile auto's planner picks (None: untiled)."""
-    if config.tile is None:
-        return None
-    width, height = content_image.size
-    if config.tile != "auto":
-        return int(config.tile)
-    from .plan import auto_tile, calibrate, free_bytes
-
-    free = free_bytes(device)
-    if free is None:
-        notify("--tile auto: free memory unknown on this system; running untiled")
-        return None
-    tile = auto_tile(calibrate(config, device), height, width, free)
-    notify(f"--tile auto at {width}x{height} px: " + ("untiled (the whole image fits)" if tile is None
-                                                     else f"{tile} px tiles"))
-    return tile
-
-
-def _optimise(network, content_image, style_images, config, device, precision, tile, iterations, start,
-              label, checkpoint, should_stop, shard, masks=None, on_loss=None) -> RunResult:
-    """Build the run at one scale on ``device``, then optimise."""
-    content = image_to_tensor(content_image).to(device)
-    styles = [image_to_tensor(image).to(device) for image in style_images]
-    content, styles = color.prepare_inputs(config.preserve_color, content, styles)
-    regions, style_regions = _regions_at(masks, content_image, style_images, device)
-    graphed = device.type == "cuda" and config.cuda_graph and tile is None
-    run = prepare(network, content, styles, config, precision, graphed, tile=tile, start=start, shard=shard,
-                  regions=regions, style_regions=style_regions)
-    del content, styles
-    result = optimise(run.step, run.image, iterations, report_every=config.report_every,
-                      progress=not config.quiet, checkpoint=checkpoint, checkpoint_every=config.save_every,
-                      should_stop=should_stop, label=label, on_loss=on_loss)
-    if run.scaler is not None:
-        result.skipped_steps = int(run.scaler.skipped.item())
-    return result
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of the run: allocated CUDA memory, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def stylize(content, styles, config: StyleConfig | None = None, **overrides) -> Image.Image:

@@ -28,16 +28,17 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from . import color
 from .config import BatchConfig, StyleConfig
 from .errors import ConfigError, FastNSTError, ImageError
-from . import color
 from .images import SAVE_FORMATS, image_to_tensor, load_image, read_metadata, resized, save_image
+from .loop import Hooks
+from .measure import SAFETY, free_bytes, model_flops, peak_tflops
+from .objective import check_fits, feature_layers
+from .run import Inputs, Runtime, build_run, calibrate, initial_image, resolve_runtime
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
 MAX_AUTO_BATCH = 16  # beyond this, a bigger batch no longer raises images/s (one image fills little)
-# Dense peak rates (TFLOP/s) for the utilisation estimate; baselines.md, datasheets.
-PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 67}, "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
-               "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5}}
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Summary:
     megapixel_iterations: float = 0.0
     model_flops: float = 0.0
     interrupted: bool = False
+    precision: str | None = None  # what the runs computed in (the last runtime's)
 
     @property
     def failed(self) -> list[Outcome]:
@@ -301,8 +303,6 @@ def auto_batch_size(config: StyleConfig, device: torch.device, width: int, heigh
                     models: dict | None = None) -> int:
     """As many images as the planner says fit the free memory (at most MAX_AUTO_BATCH).  ``models``
     caches the planner's measurement per option set: it does not depend on the image size."""
-    from .plan import SAFETY, calibrate, free_bytes
-
     free = free_bytes(device)
     if not free:
         return 1
@@ -334,7 +334,8 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
             _fail(summary, manifest, job, str(exc))
             continue
         buckets.setdefault(bucket_key(job, size), []).append(job)
-    batches_run, models = 0, {}
+    batches_run, models, runtimes = 0, {}, {}
+    hooks = Hooks(progress=progress, should_stop=should_stop)
     for (size, _), members in buckets.items():
         config = members[0].config
         per_batch = (int(batch.batch_size) if batch.batch_size != "auto"
@@ -343,8 +344,14 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
             if should_stop() or (stop_after_batches is not None and batches_run >= stop_after_batches):
                 summary.interrupted = True
                 break
-            _render_batch(members[start:start + per_batch], size, device, summary, manifest, notify, progress,
-                          should_stop)
+            key = (config.weights, config.pooling, feature_layers(config), config.precision, config.backend,
+                   config.cuda_graph)
+            if key not in runtimes:  # one network per weights and layers, built when first needed
+                runtimes[key] = resolve_runtime(config, device)
+            summary.precision = runtimes[key].precision
+            _render_batch(members[start:start + per_batch], size, runtimes[key], summary, manifest, notify,
+                          dataclasses.replace(hooks, report_every=config.report_every,
+                                              label=f"batch at {size[0]}x{size[1]}"))
             batches_run += 1
             if summary.interrupted:
                 break
@@ -360,54 +367,47 @@ def _fail(summary: Summary, manifest: Manifest, job: Job, error: str) -> None:
     manifest.append(dataclasses.asdict(outcome))
 
 
-def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, summary: Summary,
-                  manifest: Manifest, notify, progress: bool, should_stop) -> None:
-    """Load, optimise and write one batch; a job whose inputs fail to load is dropped from it."""
-    from .api import _check_fits
-    from .bench import model_flops
-    from .engine import initial_image, optimise, prepare
-    from .objective import feature_layers
-    from .precision import resolve_precision
-
-    config = jobs[0].config
+def _load_job(job: Job, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """(original content, content and styles as the transfer sees them) of one job; FastNSTError
+    for an input that cannot take part."""
+    config = job.config
+    if config.content_mask or config.style_mask:
+        raise FastNSTError("--content-mask/--style-mask work with stylize, not yet with batch")
+    content = resized(load_image(job.content), config.size)
+    if content.size != size:
+        raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
+    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale))) for s in job.styles]
     layers = feature_layers(config)
-    contents, styles, ready, originals = [], [], [], []
+    check_fits(content, layers, "content image")
+    for image in style_images:
+        check_fits(image, layers, "style image")
+    original = image_to_tensor(content)
+    prepared, styles = color.prepare_inputs(config.preserve_color, original,
+                                            [image_to_tensor(image) for image in style_images])
+    return original, prepared, styles
+
+
+def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, summary: Summary,
+                  manifest: Manifest, notify, hooks: Hooks) -> None:
+    """Load, optimise and write one batch; a job whose inputs fail to load is dropped from it."""
+    loaded, ready = [], []
     for job in jobs:
         try:
-            if job.config.content_mask or job.config.style_mask:
-                raise FastNSTError("--content-mask/--style-mask work with stylize, not yet with batch")
-            content = resized(load_image(job.content), config.size)
-            if content.size != size:
-                raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
-            style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale)))
-                            for s in job.styles]
-            _check_fits(content, layers, "content image")
-            for image in style_images:
-                _check_fits(image, layers, "style image")
+            loaded.append(_load_job(job, size))
+            ready.append(job)
         except FastNSTError as exc:
             _fail(summary, manifest, job, str(exc))
-            continue
-        original = image_to_tensor(content)
-        prepared, own_styles = color.prepare_inputs(job.config.preserve_color, original,
-                                                    [image_to_tensor(image) for image in style_images])
-        originals.append(original)
-        contents.append(prepared)
-        styles.append([style.to(device) for style in own_styles])
-        ready.append(job)
     if not ready:
         return
-    content = torch.cat(contents).to(device)
+    device, config = runtime.device, ready[0].config
+    content = torch.cat([prepared for _, prepared, _ in loaded]).to(device)
+    styles = [[style.to(device) for style in own] for _, _, own in loaded]
     start = torch.cat([initial_image(job.config.init, content[b:b + 1], styles[b][0], job.config.seed)
                        for b, job in enumerate(ready)])
-    precision = resolve_precision(config.precision, device)
-    graphed = device.type == "cuda" and config.cuda_graph
     began = time.perf_counter()
     try:
-        network = _network(config, device)
-        run = prepare(network, content, styles, config, precision, graphed, start=start)
-        result = optimise(run.step, run.image, config.iterations, report_every=config.report_every,
-                          progress=progress, should_stop=should_stop,
-                          label=f"batch of {len(ready)} at {size[0]}x{size[1]}")
+        run = build_run(runtime, config, Inputs(content=content, styles=styles, start=start))
+        result = run.optimise(config.iterations, dataclasses.replace(hooks, label=f"{hooks.label} ({len(ready)})"))
     except (FastNSTError, torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, torch.cuda.OutOfMemoryError):
@@ -419,16 +419,15 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, 
         summary.interrupted = True  # the batch in flight is not written; a rerun redoes it
         return
     seconds = time.perf_counter() - began
-    losses = run.objective.per_sample_losses(run.image.detach())
-    for b, job in enumerate(ready):
+    for b, (job, (original, _, _)) in enumerate(zip(ready, loaded)):
         try:
-            image = color.finish(job.config.preserve_color, result.image[b:b + 1], originals[b])
+            image = color.finish(job.config.preserve_color, result.image[b:b + 1], original)
             save_image(image, job.output, 16 if job.config.output_16bit else 8, read_metadata(job.content))
         except FastNSTError as exc:
             _fail(summary, manifest, job, str(exc))
             continue
         outcome = Outcome(job=job.id, status="done", output=str(job.output), seconds=seconds / len(ready),
-                          loss=losses[b], size=size, iterations=result.iterations, batch=len(ready))
+                          loss=result.sample_losses[b], size=size, iterations=result.iterations, batch=len(ready))
         summary.outcomes.append(outcome)
         manifest.append(dataclasses.asdict(outcome))
     pixels = size[0] * size[1]
@@ -438,30 +437,16 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], device: torch.device, 
            f"{len(ready) / seconds:.2f} images/s")
 
 
-_NETWORKS: dict[tuple, torch.nn.Module] = {}
-
-
-def _network(config: StyleConfig, device: torch.device):
-    """The VGG of a configuration, built once per run and reused by every batch that needs it."""
-    from .api import build_network
-    from .objective import feature_layers
-
-    key = (config.weights, config.pooling, feature_layers(config), str(device))
-    if key not in _NETWORKS:
-        _NETWORKS[key] = build_network(config, device)
-    return _NETWORKS[key]
-
-
-def throughput(summary: Summary, device_name: str, precision: str) -> dict:
+def throughput(summary: Summary, device_name: str) -> dict:
     """images/s, megapixel-iterations/s and, for known GPUs, the share of peak by the cost model."""
     seconds = max(summary.seconds, 1e-9)
     report = {"images": len(summary.done), "failed": len(summary.failed), "skipped": summary.skipped,
               "seconds": summary.seconds, "images_per_second": len(summary.done) / seconds,
               "megapixel_iterations_per_second": summary.megapixel_iterations / seconds,
               "model_tflops": summary.model_flops / seconds / 1e12, "utilisation": None}
-    for name, peaks in PEAK_TFLOPS.items():
-        if name in device_name and precision in peaks:
-            report["utilisation"] = report["model_tflops"] / peaks[precision]
+    peak = peak_tflops(device_name, summary.precision or "fp32")
+    if peak:
+        report["utilisation"] = report["model_tflops"] / peak
     return report
 
 
@@ -474,5 +459,6 @@ def merge_summaries(summaries: list[Summary]) -> Summary:
         merged.megapixel_iterations += s.megapixel_iterations
         merged.model_flops += s.model_flops
         merged.interrupted |= s.interrupted
+        merged.precision = merged.precision or s.precision
     return merged
 

@@ -1,36 +1,23 @@
 """Benchmark harness: seconds per iteration of fastnst, its ablations and the textbook reference.
 
-Timing is correct by construction: the step is the one real runs use (``engine.prepare``), it is
+Timing is correct by construction: the run is the one real runs use (``run.build_run``), it is
 warmed up before the clock starts, CUDA work is timed with CUDA events after a synchronise (the CPU
 with a monotonic clock), and each figure is the median of several repeats with the spread shown.
-
-Cost model (``../shared/reference/baselines.md``, VGG19 through conv5_1, per input pixel):
-convolutions 722,304 FLOPs forward and about as much backward to the input; Gram matrices of
-conv1_1..conv5_1 34,816 (full, as the textbook computes them); the style gradient (G - A) F
-34,816.  "Model TFLOP/s" is that count over the measured time, whatever shortcut (symmetric Grams)
-the implementation takes.
+"Model TFLOP/s" is the cost model's count (``measure.model_flops``) over the measured time,
+whatever shortcut (symmetric Grams) the implementation takes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gc
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import StyleConfig
-from .engine import prepare
-from .objective import feature_layers
-from .precision import resolve_precision
-from .vgg import VGGFeatures, random_state_dict
-
-CONV_FLOPS_PER_PIXEL = 722_304  # forward; backward to the input costs about the same
-GRAM_FLOPS_PER_PIXEL = 34_816  # all five style Grams, full matrices
-STYLE_GRAD_FLOPS_PER_PIXEL = 34_816  # (G - A) F for the five style layers
-ACTIVATION_ELEMENTS_PER_PIXEL = 323  # kept for backward (baselines.md)
+from .measure import MemoryModel, free_bytes, model_flops, peak_bytes, reset_peak
+from .run import (buffer_bytes_per_pixel, build_run, resolve_runtime, resolve_settings, synthetic_inputs,
+                  time_run, time_steps)
 
 # Published per-iteration times, with their sources (../shared/reference/baselines.md).
 PUBLISHED = (
@@ -50,12 +37,6 @@ PUBLISHED = (
     dict(gpu="GTX Titan X (Pascal)", size=512, optimizer="adam", s_per_iter=22 / 500,
          source="jcjohnson/neural-style README, cudnn+autotune+adam, 22 s / 500 iterations"),
 )
-
-
-def model_flops(height: int, width: int) -> float:
-    """FLOPs of one iteration by the cost model: conv forward + backward, Grams, style gradient."""
-    per_pixel = 2 * CONV_FLOPS_PER_PIXEL + GRAM_FLOPS_PER_PIXEL + STYLE_GRAD_FLOPS_PER_PIXEL
-    return float(per_pixel * height * width)
 
 
 def published_for(size: int, optimizer: str) -> list[dict]:
@@ -96,134 +77,54 @@ class BenchRow:
 # Timing
 
 
-def _timed(step, iterations: int, device: torch.device) -> float:
-    """Seconds for ``iterations`` calls of ``step()``: CUDA events around the GPU work, or a clock."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize(device)
-        start.record()
-        for _ in range(iterations):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    begin = time.perf_counter()
-    for _ in range(iterations):
-        step()
-    return time.perf_counter() - begin
-
-
-def _repeat(step, iterations: int, repeats: int, device: torch.device) -> tuple[float, tuple[float, float]]:
-    times = [_timed(step, iterations, device) / iterations for _ in range(repeats)]
-    return statistics.median(times), (min(times), max(times))
-
-
-def _images(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return tuple(torch.rand(1, 3, size, size, generator=g).to(device) for _ in range(2))  # type: ignore
-
-
 def time_step(size: int, *, config: StyleConfig | None = None, device: str = "cuda", iterations: int = 20,
               repeats: int = 5, warmup: int = 3, **overrides) -> StepTiming:
-    """Seconds per iteration of fastnst's step on a size x size image (random weights and images:
+    """Seconds per iteration of fastnst's run on a size x size image (random weights and images:
     speed does not depend on them).  ``config`` (default StyleConfig()) with ``overrides`` gives
-    the objective, optimiser, precision, graph and backend.  ``warmup`` eager iterations precede
-    the timing; a graphed step warms up itself before capture."""
+    the objective, optimiser, precision, graph and backend."""
     config = (config or StyleConfig()).replace(size=size, **overrides)
     dev = torch.device(device)
-    precision = resolve_precision(config.precision, dev)
-    graphed = dev.type == "cuda" and config.cuda_graph
-    _reset_peak(dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    content, style = _images(size, dev)
-    network = VGGFeatures(feature_layers(config), random_state_dict(0), pooling=config.pooling).to(dev)
-    run = prepare(network, content, [style], config, precision, graphed)
-    if not graphed:
-        for _ in range(warmup):
-            run.step(run.image)
-    seconds, spread = _repeat(lambda: run.step(run.image), iterations, repeats, dev)
-    return StepTiming(size=size, precision=precision, cuda_graph=graphed, optimizer=config.optimizer,
-                      backend=run.objective.ops.name, seconds_per_iteration=seconds, spread=spread,
-                      model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=_peak(dev))
+    reset_peak(dev)
+    runtime = resolve_runtime(config, dev, weights="random")
+    run = build_run(runtime, config, synthetic_inputs(size, dev))
+    seconds, spread = time_run(run, iterations, repeats, warmup)
+    return StepTiming(size=size, precision=runtime.precision, cuda_graph=run.graphed, optimizer=config.optimizer,
+                      backend=runtime.backend, seconds_per_iteration=seconds, spread=spread,
+                      model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=peak_bytes(dev))
 
 
 def time_reference(size: int, *, optimizer: str = "lbfgs", device: str = "cuda", iterations: int = 20,
                    repeats: int = 5, warmup: int = 3) -> StepTiming:
     """Seconds per iteration of the textbook reference (fastnst/reference_gatys.py)."""
     from . import reference_gatys as textbook
+    from .vgg import random_state_dict
 
     config = StyleConfig()
     dev = torch.device(device)
-    _reset_peak(dev)
-    content, style = _images(size, dev)
+    reset_peak(dev)
+    inputs = synthetic_inputs(size, dev)
     model, style_losses, content_losses = textbook.build_model(
-        random_state_dict(0), content, style, config.content_layers, config.style_layers, config.pooling)
-    image = torch.rand(content.shape, generator=torch.Generator().manual_seed(1)).to(dev).requires_grad_(True)
-    optimizer_ = textbook.make_optimizer(optimizer, image)
-    step = textbook.make_step(model, style_losses, content_losses, image, optimizer_)
+        random_state_dict(0), inputs.content, inputs.styles[0], config.content_layers, config.style_layers,
+        config.pooling)
+    start = torch.rand(inputs.content.shape, generator=torch.Generator().manual_seed(1))
+    image = start.to(dev).requires_grad_(True)
+    step = textbook.make_step(model, style_losses, content_losses, image, textbook.make_optimizer(optimizer, image))
     for _ in range(warmup):
         step()
-    seconds, spread = _repeat(step, iterations, repeats, dev)
+    seconds, spread = time_steps(step, dev, iterations, repeats)
     return StepTiming(size=size, precision="fp32", cuda_graph=False, optimizer=optimizer, backend="torch",
                       seconds_per_iteration=seconds, spread=spread,
-                      model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=_peak(dev))
+                      model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=peak_bytes(dev))
 
 
-# --------------------------------------------------------------------------------------------
-# Memory
-
-
-def _reset_peak(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: writing 5 resets the process's peak resident set (VmHWM)
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        pass
-
-
-def _proc_bytes(path: str, key: str) -> int | None:
-    """A "Key:   N kB" line of a Linux /proc file, in bytes; None elsewhere."""
-    try:
-        with open(path) as handle:
-            for line in handle:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _peak(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_bytes("/proc/self/status", "VmHWM")  # the process's peak resident set
-
-
-def available_bytes(device: torch.device) -> int | None:
-    """Memory free for a run on ``device``: CUDA free memory, or MemAvailable on Linux."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    return _proc_bytes("/proc/meminfo", "MemAvailable")
-
-
-def estimated_bytes(size: int, mode: str, precision: str, history: int) -> int:
-    """A rough upper estimate of a run's memory, to refuse sizes that cannot fit before trying.
-
-    Activations kept for backward (baselines.md: 323 elements per pixel) plus about as much again
-    transient in backward, the L-BFGS history, and the weights; the textbook reference keeps
-    fp32 activations twice (non-in-place ReLUs).  The planner of a later release will replace this.
-    """
-    pixels = size * size
-    element = 2 if precision in ("bf16", "fp16") else 4
-    activations = 2 * ACTIVATION_ELEMENTS_PER_PIXEL * pixels * element * (2 if mode == "reference" else 1)
-    history_bytes = (2 * history + 2) * 3 * pixels * 4
-    return activations + history_bytes + 100 * 2**20
+def estimated_peak(size: int, mode: str, optimizer: str, device: torch.device) -> float:
+    """The planner's memory model stated from the cost model alone (no measurement), to refuse
+    sizes that cannot fit before trying them; the textbook reference keeps two activation copies."""
+    settings = {"precision": "fp32"} if mode == "reference" else _mode_settings(mode)
+    config = StyleConfig(optimizer=optimizer).replace(**settings)
+    element = 4 if resolve_settings(config, device).precision == "fp32" else 2
+    prior = MemoryModel.prior(buffer_bytes_per_pixel(config), element, copies=2 if mode == "reference" else 1)
+    return prior.untiled_peak(size, size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,13 +138,9 @@ def _mode_settings(mode: str) -> dict:
             "plain": {"precision": "fp32", "cuda_graph": False, "backend": "torch"}}[mode]
 
 
-def resolved_mode(mode: str, device: torch.device) -> tuple[str, bool, str]:
-    """(precision, CUDA graph, kernels) a fastnst mode amounts to on ``device``."""
-    from . import kernels
-
-    config = StyleConfig().replace(**_mode_settings(mode))
-    precision = resolve_precision(config.precision, device)
-    return precision, device.type == "cuda" and config.cuda_graph, kernels.resolve(device, config.backend)
+def resolved_mode(mode: str, device: torch.device):
+    """What a fastnst mode amounts to on ``device``: its resolved precision, kernels and graph use."""
+    return resolve_settings(StyleConfig().replace(**_mode_settings(mode)), device)
 
 
 def bench_rows(sizes, optimizers, modes, device: torch.device, iterations: int, repeats: int, warmup: int,
@@ -280,9 +177,7 @@ def _measure(row: BenchRow, fast: tuple | None, device: torch.device, iterations
     if fast is not None and row.mode not in ("reference", "fast") and resolved_mode(row.mode, device) == fast:
         row.status = f"same as fast on {device.type}"
         return
-    precision = "fp32" if row.mode == "reference" else resolved_mode(row.mode, device)[0]
-    need = estimated_bytes(row.size, row.mode, precision, StyleConfig().lbfgs_history)
-    free = available_bytes(device)
+    need, free = estimated_peak(row.size, row.mode, row.optimizer, device), free_bytes(device)
     if free is not None and need > free:
         row.status = f"does not fit: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
         progress(f"{label}: {row.status}")
@@ -291,7 +186,7 @@ def _measure(row: BenchRow, fast: tuple | None, device: torch.device, iterations
         timing = _time_mode(row.mode, row.size, row.optimizer, device, iterations, repeats, warmup)
     except torch.cuda.OutOfMemoryError:
         row.status = "does not fit: out of memory"
-        _reset_peak(device)
+        reset_peak(device)
         progress(f"{label}: {row.status}")
         return
     _fill(row, timing)
@@ -365,7 +260,7 @@ def fits(mode: str, size: int, device: torch.device, optimizer: str = "lbfgs") -
     except (RuntimeError, ValueError):  # torch.cuda.OutOfMemoryError is a RuntimeError
         return False
     finally:
-        _reset_peak(device)
+        reset_peak(device)
 
 
 def max_size(mode: str, device: torch.device, start: int = 1024, limit: int = 32768, step: int = 64,

@@ -14,7 +14,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import __version__
+from .version import __version__
 from .config import BatchConfig, BenchConfig, StyleConfig, flag_name
 from .errors import FastNSTError, NonFiniteLossError, RunError, UsageError
 
@@ -279,7 +279,6 @@ def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
     from . import batch
     from .devices import resolve_device, run_metadata
     from .files import check_writable
-    from .precision import resolve_precision
 
     main_rank = shard is None or shard.is_main
     out = Path(batch_config.out)
@@ -301,7 +300,7 @@ def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
         summary = batch.merge_summaries(shard.gather(summary))
     if not main_rank:
         return code if summary.interrupted else (1 if summary.failed else 0)
-    report = batch.throughput(summary, run_metadata()["device"], resolve_precision(config.precision, device))
+    report = batch.throughput(summary, run_metadata()["device"])
     batch.Manifest(out).append({"summary": report, "jobs": len(jobs),
                                 "processes": 1 if shard is None else shard.world})
     for failure in summary.failed:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError
 
@@ -64,6 +64,18 @@ PRESETS = {
 # changes the initial image and benchmark runs stay comparable.
 RANDOM_WEIGHTS_SEED = 0
 
+T = TypeVar("T")
+
+
+def preset_values(name: str | None, chosen: set[str]) -> dict[str, Any]:
+    """The values preset ``name`` sets, except the options in ``chosen`` (given explicitly): the one
+    mechanism by which presets apply, whether a config is made or replaced."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, not '{name}'")
+    return {option: value for option, value in PRESETS[name].items() if option not in chosen}
+
 
 def option(default: Any, help: str, *, metavar: str | None = None, choices: tuple | None = None,
            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
@@ -79,13 +91,19 @@ def option(default: Any, help: str, *, metavar: str | None = None, choices: tupl
 
 
 @dataclass
-class StyleConfig:
-    """Options of one stylisation; every default of the library and the CLI lives here."""
+class _Preset:
+    """The preset option (first in the combined config, and in --help)."""
 
     preset: str | None = option(None, "a set of options, applied wherever an option is left at its default: "
                                 "gatys2016 = the paper exactly (conv4_2; conv1_1..conv5_1, w_l = 1/5; avg "
                                 "pooling; noise init; L-BFGS; alpha/beta = 1e-3); fast = content init, 200 "
                                 "iterations, L-BFGS history 10", choices=tuple(PRESETS))
+
+
+@dataclass
+class ScheduleOptions:
+    """How the image is optimised: sizes and scales, iterations, optimiser, start."""
+
     size: int = option(512, "longest side of the output image in pixels", metavar="PX",
                        minimum=16, maximum=65536)
     iterations: int = option(500, "optimisation steps (each one VGG forward and backward)", metavar="N",
@@ -95,6 +113,49 @@ class StyleConfig:
                               above=0.0, maximum=1e6)
     lbfgs_history: int = option(20, "L-BFGS history length m: pairs kept, each costs 2 image-sized "
                                 "fp32 vectors", metavar="M", minimum=1, maximum=1000)
+    init: str = option("noise", "initial image: seeded noise, the content or the style image",
+                       choices=INITS)
+    seed: int = option(0, "random seed of the noise initialisation", metavar="N",
+                       minimum=0, maximum=2**63 - 1)
+    scales: tuple[int, ...] | None = option(None, "multi-scale: optimise at these sizes in turn, each result "
+                                            "upsampled to start the next; the last is the output size "
+                                            "(replaces --size)", metavar="PX", minimum=16, maximum=65536,
+                                            many=True)
+    start_size: int | None = option(None, "multi-scale from this size up to --size in steps of sqrt(2)",
+                                    metavar="PX", minimum=16, maximum=65536)
+    scale_iterations: tuple[int, ...] | None = option(None, "iterations at each scale, one value per scale "
+                                                      "(default: --iterations at every scale)", metavar="N",
+                                                      minimum=1, maximum=10_000_000, many=True)
+
+    @property
+    def step_size(self) -> float:
+        """The step size in use: --lr, or the optimiser's default."""
+        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
+
+    def scale_sizes(self) -> tuple[int, ...]:
+        """The sizes optimised in turn: --scales, or --start-size up to --size by sqrt(2), or --size."""
+        if self.scales:
+            return tuple(self.scales)
+        if self.start_size:
+            sizes, size = [], float(self.start_size)
+            while round(size) < self.size:
+                sizes.append(round(size))
+                size *= math.sqrt(2)
+            return (*sizes, self.size)
+        return (self.size,)
+
+    def iterations_at(self, index: int) -> int:
+        return self.scale_iterations[index] if self.scale_iterations else self.iterations
+
+
+@dataclass
+class ObjectiveOptions:
+    """What the objective is: the network's weights and layers, the loss weights, style and colour control."""
+
+    weights: str = option("imagenet", "VGG19 weights: imagenet (torchvision, cached), random "
+                          "(seeded, for tests and benchmarks) or a state-dict file", metavar="imagenet|random|PATH")
+    pooling: str = option("max", "VGG pooling (the paper prefers avg; max suits torchvision's weights)",
+                          choices=POOLINGS)
     content_weight: float = option(1.0, "alpha, the content loss weight", metavar="ALPHA",
                                    minimum=0.0, maximum=1e30)
     style_weight: float = option(1e6, "beta, the style loss weight", metavar="BETA",
@@ -126,20 +187,18 @@ class StyleConfig:
     style_mask: tuple[str, ...] | None = option(
         None, "one mask per style image choosing the part of it to take the style from (white = use)",
         metavar="MASK", many=True)
-    pooling: str = option("max", "VGG pooling (the paper prefers avg; max suits torchvision's weights)",
-                          choices=POOLINGS)
-    init: str = option("noise", "initial image: seeded noise, the content or the style image",
-                       choices=INITS)
-    seed: int = option(0, "random seed of the noise initialisation", metavar="N",
-                       minimum=0, maximum=2**63 - 1)
-    weights: str = option("imagenet", "VGG19 weights: imagenet (torchvision, cached), random "
-                          "(seeded, for tests and benchmarks) or a state-dict file", metavar="imagenet|random|PATH")
-    backend: str | None = option(None, "kernel backend: auto (Triton on CUDA, PyTorch elsewhere), torch "
-                                 "or triton (default: $FASTNST_BACKEND, else auto)", choices=BACKENDS)
+
+
+@dataclass
+class RuntimeOptions:
+    """Where and how it runs: device, precision, kernels, CUDA graphs, tiling."""
+
     device: str = option("auto", "where to run: auto (CUDA if present), cpu, cuda or cuda:N", metavar="DEVICE")
     precision: str = option("auto", "network precision: auto (bf16 on GPUs that have it, fp32 on CPU), "
                             "fp32, bf16 or fp16 (with loss scaling); the image and optimiser stay fp32",
                             choices=PRECISIONS)
+    backend: str | None = option(None, "kernel backend: auto (Triton on CUDA, PyTorch elsewhere), torch "
+                                 "or triton (default: $FASTNST_BACKEND, else auto)", choices=BACKENDS)
     cuda_graph: bool = option(True, "on CUDA, replay each iteration as one captured CUDA graph "
                               "(--no-cuda-graph runs the same step eagerly)")
     tile: str | None = option(None, "evaluate the objective tile by tile with exact results: interior size "
@@ -148,15 +207,12 @@ class StyleConfig:
     tile_halo: int | None = option(None, "pixels of context around each tile (default: the exact one for the "
                                    "deepest layer, 80 px for conv5_1); less is faster but approximate",
                                    metavar="PX", minimum=0, maximum=4096)
-    scales: tuple[int, ...] | None = option(None, "multi-scale: optimise at these sizes in turn, each result "
-                                            "upsampled to start the next; the last is the output size "
-                                            "(replaces --size)", metavar="PX", minimum=16, maximum=65536,
-                                            many=True)
-    start_size: int | None = option(None, "multi-scale from this size up to --size in steps of sqrt(2)",
-                                    metavar="PX", minimum=16, maximum=65536)
-    scale_iterations: tuple[int, ...] | None = option(None, "iterations at each scale, one value per scale "
-                                                      "(default: --iterations at every scale)", metavar="N",
-                                                      minimum=1, maximum=10_000_000, many=True)
+
+
+@dataclass
+class OutputOptions:
+    """What is written and reported: checkpoints, loss reads and log, 16-bit output, messages."""
+
     save_every: int = option(0, "also save the image every N iterations as OUT_<iteration>.<ext> "
                              "(0 = off)", metavar="N", minimum=0, maximum=10_000_000)
     report_every: int = option(10, "on CUDA, read the loss back every N iterations (each read "
@@ -169,14 +225,23 @@ class StyleConfig:
     verbose: bool = option(False, "also report precision, backend, CUDA graph, skipped fp16 steps "
                            "and peak memory at the end")
 
+
+@dataclass
+class StyleConfig(OutputOptions, RuntimeOptions, ObjectiveOptions, ScheduleOptions, _Preset):
+    """Options of one stylisation; every default of the library and the CLI lives here.
+
+    The fields are declared by concern in the classes it combines (schedule, objective, runtime,
+    output), so each part of the engine can take the concern it needs; ``part`` copies one out.
+    """
+
     def __post_init__(self) -> None:
         if isinstance(self.tile, int) and not isinstance(self.tile, bool):
             self.tile = str(self.tile)
         if self.preset in PRESETS:  # StyleConfig(preset=...): the preset fills options left at default
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) == defaults[name]:
-                    setattr(self, name, value)
+            chosen = {name for name in PRESETS[self.preset] if getattr(self, name) != defaults[name]}
+            for name, value in preset_values(self.preset, chosen).items():
+                setattr(self, name, value)
         # Accept lists (Python callers, JSON) for tuple options and Path objects for weights.
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -186,11 +251,6 @@ class StyleConfig:
                 setattr(self, f.name, (value,))
         if not isinstance(self.weights, str):
             self.weights = str(self.weights)
-
-    @property
-    def step_size(self) -> float:
-        """The step size in use: --lr, or the optimiser's default."""
-        return self.lr if self.lr is not None else DEFAULT_LR[self.optimizer]
 
     def replace(self, **overrides: Any) -> "StyleConfig":
         """A copy with some options changed; unknown names are a ConfigError.
@@ -203,14 +263,15 @@ class StyleConfig:
             if name not in names:
                 raise ConfigError(f"unknown option '{name}'")
         preset = overrides.pop("preset", self.preset)
-        if preset is not None and preset not in PRESETS:
-            raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}, not '{preset}'")
-        base = self if preset is None or preset == self.preset else \
-            dataclasses.replace(self, preset=None, **PRESETS[preset])
+        values = preset_values(preset, set(overrides)) if preset != self.preset else {}
         # preset=None while copying: __post_init__ must not re-apply it over the values set here.
-        copy = dataclasses.replace(base, preset=None, **overrides)
+        copy = dataclasses.replace(self, preset=None, **{**values, **overrides})
         copy.preset = preset
         return copy
+
+    def part(self, concern: type[T]) -> T:
+        """The options of one concern: ScheduleOptions, ObjectiveOptions, RuntimeOptions or OutputOptions."""
+        return concern(**{f.name: getattr(self, f.name) for f in dataclasses.fields(concern)})
 
     def validate(self, n_styles: int | None = None) -> "StyleConfig":
         """Check every option before any work starts; raises ConfigError naming the valid range."""
@@ -258,20 +319,6 @@ class StyleConfig:
                               f"got {len(self.scale_iterations)}")
         return self
 
-    def scale_sizes(self) -> tuple[int, ...]:
-        """The sizes optimised in turn: --scales, or --start-size up to --size by sqrt(2), or --size."""
-        if self.scales:
-            return tuple(self.scales)
-        if self.start_size:
-            sizes, size = [], float(self.start_size)
-            while round(size) < self.size:
-                sizes.append(round(size))
-                size *= math.sqrt(2)
-            return (*sizes, self.size)
-        return (self.size,)
-
-    def iterations_at(self, index: int) -> int:
-        return self.scale_iterations[index] if self.scale_iterations else self.iterations
 
 
 def _is_cuda_index(spec: str) -> bool:

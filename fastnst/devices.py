@@ -46,7 +46,7 @@ def run_metadata() -> dict:
     import os
     import platform
 
-    from . import __version__
+    from .version import __version__
 
     try:
         import triton

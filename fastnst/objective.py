@@ -1,29 +1,46 @@
-"""The style-transfer objective of one image: targets, computed once, and the loss.
+"""The style-transfer objective: targets, computed once, and ``loss_and_grad``.
 
-    L = alpha * sum_c v_c * L_c  +  beta * sum_l w_l * E_l  +  tv * TV
+    L_b = alpha * sum_c v_c * L_c  +  beta * sum_l w_l * E_l  +  tv * TV        for each sample b
 
-L_c = 1/2 sum (F - P)^2 (content), E_l = sum (G - A)^2 / (4 N^2 M^2) (style), TV the sum of
-squared differences of neighbouring pixels.  With several style images the target A_l is their
-blend-weighted mean Gram.  A style image of another size than the output has a Gram summed over
-a different number of positions M_s, so each style Gram is rescaled by M_out / M_s before
-blending; when the sizes match (the paper's setting) this factor is 1.
+L_c = 1/2 sum (F - P)^2 (content), E_l = sum (G - A)^2 / (4 N^2 M^2) (style, normalised in
+``kernels.reference.style_normaliser``), TV the sum of squared differences of neighbouring pixels.
+With several style images the target A_l is their blend-weighted mean Gram.  A style image of
+another size than the output has a Gram summed over a different number of positions M_s, so each
+style Gram is rescaled by M_out / M_s before blending; when the sizes match this factor is 1.
+
+Every objective answers ``loss_and_grad(image, scale) -> (per-sample losses (B,), gradient)``; the
+gradient is that of the summed losses (times ``scale``, fp16 loss scaling), and since samples never
+interact, each sample's part is its own objective's gradient.  The untiled objective gets it from
+autograd; ``tiling.Tiler`` computes it tile by tile over the same targets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from . import kernels
-from .config import StyleConfig
+from .config import ObjectiveOptions
+from .errors import ConfigError
+from .kernels.backend import ops as kernel_ops
 from .vgg import VGGFeatures, layer_channels, layer_stride
 
 
-def feature_layers(config: StyleConfig) -> tuple[str, ...]:
+def feature_layers(config: ObjectiveOptions) -> tuple[str, ...]:
     """The layers the network must return: content layers then style layers, without repeats."""
     return tuple(dict.fromkeys((*config.content_layers, *config.style_layers)))
+
+
+def check_fits(image: Image.Image, layers: Sequence[str], what: str) -> None:
+    """The deepest layer needs at least one feature position: each side >= its pooling stride."""
+    need = max(layer_stride(name) for name in layers)
+    if min(image.size) < need:
+        raise ConfigError(f"the {what} is {image.size[0]}x{image.size[1]} px after resizing; the "
+                          f"layers used need at least {need} px on each side (raise --size or "
+                          f"--style-scale, or use shallower layers)")
 
 
 def default_content_layer_weight(channels: int, positions: int) -> float:
@@ -43,23 +60,65 @@ def _mask_at(mask: torch.Tensor, stride: int) -> torch.Tensor:
 
 
 def total_variation(image: torch.Tensor) -> torch.Tensor:
-    """Sum of squared differences between vertically and horizontally adjacent pixels (fp32)."""
+    """(B,) fp32: the sum of squared differences between vertically and horizontally adjacent pixels."""
     image = image.float()
     dy = image[..., 1:, :] - image[..., :-1, :]
     dx = image[..., :, 1:] - image[..., :, :-1]
-    return dy.square().sum() + dx.square().sum()
+    return dy.square().flatten(1).sum(dim=1) + dx.square().flatten(1).sum(dim=1)
+
+
+def autograd_loss_and_grad(losses: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
+                           scale: torch.Tensor | None, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses(image) as (B,), the gradient of their sum times ``scale``) through autograd."""
+    with autocast():
+        values = losses(image).reshape(-1)
+    total = values.sum()
+    (grad,) = torch.autograd.grad(total if scale is None else total * scale, image)
+    return values.detach(), grad
+
+
+class Autograd:
+    """Any differentiable loss function as an objective (a scalar loss counts as one sample)."""
+
+    def __init__(self, losses: Callable[[torch.Tensor], torch.Tensor], autocast=contextlib.nullcontext):
+        self.losses, self.autocast = losses, autocast
+
+    def loss_and_grad(self, image: torch.Tensor, scale: torch.Tensor | None = None):
+        return autograd_loss_and_grad(self.losses, image, scale, self.autocast)
+
+
+class Features:
+    """How targets see an image: one pass of the network.  tiling.TiledFeatures is the tiled twin."""
+
+    def __init__(self, network: VGGFeatures, ops):
+        self.network, self.ops = network, ops
+
+    def maps(self, image: torch.Tensor, slots: Sequence[int]) -> list[torch.Tensor]:
+        """The feature maps at ``slots`` (content targets)."""
+        features = self.network(image)
+        return [features[s].detach().clone() for s in slots]
+
+    def grams(self, image: torch.Tensor, slots: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """(Gram (C, C), positions) of a one-image batch at each slot (style targets)."""
+        features = self.network(image)
+        return [(self.ops.gram(features[s])[0], features[s][0, 0].numel()) for s in slots]
 
 
 class StyleObjective:
-    """Holds the targets P_c and A_l and evaluates the loss of an image of the content's size.
+    """The targets P_c and A_l of one batch, and its loss at an image of the content's size.
 
     ``content`` is (B, 3, H, W).  ``styles`` is a list of style images shared by every sample, or,
     for a batch of different jobs, a list of B such lists (one per sample); then the targets are
-    (B, C, C) and every sample is optimised towards its own.  The loss is the sum over samples, and
-    samples never interact, so each one's gradient is that of its own objective.
+    (B, C, C) and every sample is optimised towards its own.  ``config``: the objective's options
+    (a whole StyleConfig will do) give the layers and weights; ``ops`` the kernels (default: the
+    backend in force for the device); ``autocast`` the network's precision, used for the targets
+    and the loss alike; ``features`` how targets see an image (untiled by default).  ``regions`` /
+    ``style_regions``: spatial control (one image).
     """
 
-    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: StyleConfig,
+    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: ObjectiveOptions, *,
+                 ops=None,
+                 autocast=contextlib.nullcontext, features: Features | None = None,
                  regions: Sequence[torch.Tensor] | None = None,
                  style_regions: Sequence[torch.Tensor | None] | None = None):
         if not styles:
@@ -68,9 +127,9 @@ class StyleObjective:
         if per_sample and len(styles) != content.shape[0]:
             raise ValueError(f"{len(styles)} style lists for a batch of {content.shape[0]} content images")
         layers = network.layers
-        self.network = network
-        # The kernels (Triton or the PyTorch twins) are chosen once, for the content's device.
-        self.ops = kernels.ops(content.device, config.backend)
+        self.network, self.autocast = network, autocast
+        self.ops = ops if ops is not None else kernel_ops(content.device)
+        self.features = features or Features(network, self.ops)
         self.content_layers = tuple(config.content_layers)
         self.style_layers = tuple(config.style_layers)
         self.content_slots = tuple(layers.index(name) for name in self.content_layers)
@@ -80,8 +139,10 @@ class StyleObjective:
         self.tv_weight = float(config.tv_weight)
 
         self.regions = None  # spatial control: per style, its output region at each style layer
-        with torch.no_grad():
-            self.content_targets, out_positions = self._content_targets(content)
+        with torch.no_grad(), autocast():
+            self.content_targets = tuple(self.features.maps(content, self.content_slots))
+            height, width = content.shape[-2:]
+            out_positions = [(height // layer_stride(n)) * (width // layer_stride(n)) for n in self.style_layers]
             if regions is not None:
                 self._masked_targets(styles, regions, style_regions or [None] * len(styles),
                                      config.style_blend_weights)
@@ -127,80 +188,62 @@ class StyleObjective:
                 targets.append(0.5 * (gram + gram.transpose(0, 1)))
             self.style_targets.append(tuple(targets))
 
-    def _content_targets(self, content: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list[int]]:
-        """P for each content layer, and the number of positions of each style layer's features
-        for an image of the content's size.  Overridden by the tiled objective."""
-        features = self.network(content)
-        targets = tuple(features[s].detach().clone() for s in self.content_slots)
-        return targets, [features[s][0, 0].numel() for s in self.style_slots]
-
-    def _style_grams(self, style: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        """(Gram (C, C), positions) of ``style`` at each style layer.  Overridden by the tiled objective."""
-        features = self.network(style)
-        return [(self.ops.gram(features[s])[0], features[s][0, 0].numel()) for s in self.style_slots]
-
     def _blended_grams(self, styles: Sequence[torch.Tensor], blend: Sequence[float] | None,
                        out_positions: Sequence[int]) -> tuple[torch.Tensor, ...]:
         blend = list(blend) if blend is not None else [1.0] * len(styles)
         total = float(sum(blend))
         targets: list[torch.Tensor | None] = [None] * len(self.style_slots)
         for style, share in zip(styles, blend):
-            for i, (gram, positions) in enumerate(self._style_grams(style)):
+            for i, (gram, positions) in enumerate(self.features.grams(style, self.style_slots)):
                 term = gram * ((share / total) * out_positions[i] / positions)
                 targets[i] = term if targets[i] is None else targets[i] + term
         # Exactly symmetric, as a Gram is in exact arithmetic: the gradient formulas rely on it.
         return tuple(0.5 * (t + t.transpose(0, 1)) for t in targets)  # type: ignore[union-attr]
 
     def _weighted_terms(self, image: torch.Tensor):
-        """Yield (name, unweighted value, weight) for every term of the loss."""
+        """Yield (name, per-sample unweighted values (B,), weight) for every term of the loss."""
         features = self.network(image)
         for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
                                          self.content_layer_weights):
-            yield f"content:{name}", self.ops.content_loss(features[slot], target), self.alpha * v
+            yield f"content:{name}", self.ops.content_losses(features[slot], target), self.alpha * v
         if self.regions is None:
             for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
                                              self.style_layer_weights):
-                yield f"style:{name}", self.ops.style_loss(features[slot], target), self.beta * w
+                yield f"style:{name}", self.ops.style_losses(features[slot], target), self.beta * w
         else:
             for index, (region, corrections, targets, share) in enumerate(zip(
                     self.regions, self.region_corrections, self.style_targets, self.region_weights)):
                 for name, slot, mask, correction, target, w in zip(self.style_layers, self.style_slots, region,
                                                                    corrections, targets, self.style_layer_weights):
-                    # style_loss normalises by all M positions; the region has M_r = sum(mask).
-                    yield (f"style:{name}:{index}", self.ops.style_loss(features[slot] * mask, target) * correction,
-                           self.beta * w * share)
+                    # style_losses normalise by all M positions; the region has M_r = sum(mask).
+                    yield (f"style:{name}:{index}",
+                           self.ops.style_losses(features[slot] * mask, target) * correction, self.beta * w * share)
         if self.tv_weight:
             yield "tv", total_variation(image), self.tv_weight
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        """The total loss, an fp32 scalar."""
-        return sum(value * weight for _, value, weight in self._weighted_terms(image))
+    def tv(self, image: torch.Tensor) -> torch.Tensor:
+        """The weighted total-variation term of each sample, (B,)."""
+        return total_variation(image) * self.tv_weight
 
-    @torch.no_grad()
-    def per_sample_losses(self, image: torch.Tensor) -> list[float]:
-        """The total loss of each sample of a batch (for reports; one forward, no gradient)."""
-        if image.shape[0] == 1:
-            return [float(self(image))]
-        features = self.network(image)
-        losses = []
-        for b in range(image.shape[0]):
-            loss = 0.0
-            for slot, target, v in zip(self.content_slots, self.content_targets, self.content_layer_weights):
-                loss += float(self.ops.content_loss(features[slot][b:b + 1], target[b:b + 1])) * self.alpha * v
-            for slot, target, w in zip(self.style_slots, self.style_targets, self.style_layer_weights):
-                own = target[b] if target.dim() == 3 else target
-                loss += float(self.ops.style_loss(features[slot][b:b + 1], own)) * self.beta * w
-            if self.tv_weight:
-                loss += float(total_variation(image[b:b + 1])) * self.tv_weight
-            losses.append(loss)
-        return losses
+    def losses(self, image: torch.Tensor) -> torch.Tensor:
+        """The loss of each sample, (B,) fp32, differentiable with respect to ``image``."""
+        return sum(values * weight for _, values, weight in self._weighted_terms(image))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """The total loss over the batch, an fp32 scalar."""
+        return self.losses(image).sum()
+
+    def loss_and_grad(self, image: torch.Tensor, scale: torch.Tensor | None = None):
+        """(per-sample losses (B,), gradient of their sum [times scale]) under the run's autocast."""
+        return autograd_loss_and_grad(self.losses, image, scale, self.autocast)
 
     def terms(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Each unweighted term (``content:<layer>``, ``style:<layer>``, ``tv`` if on) and ``total``."""
+        """Each unweighted term summed over the batch (``content:<layer>``, ``style:<layer>``, ``tv``
+        if on) and ``total``."""
         terms: dict[str, torch.Tensor] = {}
         total = image.new_zeros((), dtype=torch.float32)
-        for name, value, weight in self._weighted_terms(image):
-            terms[name] = value
-            total = total + value * weight
+        for name, values, weight in self._weighted_terms(image):
+            terms[name] = values.sum()
+            total = total + terms[name] * weight
         terms["total"] = total
         return terms

@@ -1,4 +1,4 @@
-"""Exact tiled style transfer: the untiled objective, computed tile by tile.
+"""Exact tiled style transfer: the objective's targets and its loss and gradient, tile by tile.
 
 The image is cut into tiles whose interiors partition it; interiors start on multiples of 16 px,
 so every tile's pooling grid coincides with the full image's.  Each tile is run through VGG with a
@@ -15,23 +15,25 @@ halo around its interior, wide enough that the features of the interior equal th
   whose interior holds it.
 
 The content loss is summed over interiors in pass 2; TV acts on the whole image.  Targets for
-large content and style images are computed the same way, tile by tile.  With ``reduce`` and a
-``share`` of the tiles (distributed.py), ranks process disjoint tiles and sum their Grams, losses
-and gradients.
+large content and style images are computed the same way, tile by tile: ``TiledFeatures`` is how
+the objective sees an image, ``Tiler`` its loss and gradient over those targets.  With ``reduce``
+and a ``share`` of the tiles (distributed.py), ranks process disjoint tiles and sum their Grams,
+losses and gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .objective import StyleObjective, total_variation
-from .vgg import LAYERS, layer_stride
+from .kernels.reference import style_normaliser
+from .measure import ALIGN  # 2^4 poolings before conv5_1: interiors aligned to 16 px keep every pooling grid
+from .vgg import LAYERS, layer_channels, layer_stride
 
-ALIGN = 16  # 2^4 poolings before conv5_1: interiors aligned to this keep every pooling grid intact
 
 
 def exact_halo(layers: Sequence[str]) -> int:
@@ -110,134 +112,125 @@ def _no_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-class TiledObjective(StyleObjective):
-    """The style objective of one image, evaluated over tiles with exact results.
+def _all_tiles(tiles: list[Tile]) -> list[Tile]:
+    return tiles
 
-    ``tile``: interior size in px (multiple of 16).  ``halo``: None for the exact one, or fewer
-    pixels for speed (approximate).  ``autocast``: the precision context of the network.
-    ``share`` picks this process's tiles and ``reduce`` sums a tensor over processes in place.
-    """
 
-    def __init__(self, network, content: torch.Tensor, styles: Sequence[torch.Tensor], config, tile: int,
-                 halo: int | None = None, autocast: Callable = None,
-                 share: Callable[[list[Tile]], list[Tile]] = lambda tiles: tiles,
+class TiledFeatures:
+    """How targets see an image, tile by tile (objective.Features' tiled twin): whole feature maps
+    assembled from tile interiors, Grams summed over them.  ``share`` picks this process's tiles
+    and ``reduce`` sums a tensor over processes in place (distributed.py)."""
+
+    def __init__(self, network, ops, tile: int, halo: int | None = None, autocast=contextlib.nullcontext,
+                 share: Callable[[list[Tile]], list[Tile]] = _all_tiles,
                  reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce):
-        import contextlib
-
+        self.network, self.ops, self.autocast = network, ops, autocast
         self.tile = int(tile)
         self.halo = exact_halo(network.layers) if halo is None else int(halo)
-        self.autocast = autocast or contextlib.nullcontext
         self.share, self.reduce = share, reduce
         self.strides = {slot: layer_stride(name) for slot, name in enumerate(network.layers)}
-        super().__init__(network, content, styles, config)
-        self.tiles = tile_grid(content.shape[-2], content.shape[-1], self.tile, self.halo)
 
-    # ---- targets, tile by tile --------------------------------------------------------------
+    def grid(self, image: torch.Tensor) -> list[Tile]:
+        return tile_grid(image.shape[-2], image.shape[-1], self.tile, self.halo)
 
-    def _content_targets(self, content):
-        height, width = content.shape[-2:]
-        tiles = tile_grid(height, width, self.tile, self.halo)
-        targets = []
-        for slot in self.content_slots:
-            stride = self.strides[slot]
-            channels = self.network_channels(slot)
-            # fp32 whatever the network's precision: a full-size map assembled across processes
-            # must survive all_reduce on every backend (gloo has no bf16 sum).
-            targets.append(content.new_zeros((1, channels, height // stride, width // stride),
-                                             dtype=torch.float32))
-        for tile in self.share(tiles):
-            with torch.no_grad(), self.autocast():
-                features = self.network(_crop(content, tile))
-            for target, slot in zip(targets, self.content_slots):
-                stride = self.strides[slot]
-                (y0, y1, x0, x1) = tile.interior
-                target[:, :, y0 // stride:y1 // stride, x0 // stride:x1 // stride] = \
-                    _interior(features[slot], tile, stride)
-        for target in targets:
-            self.reduce(target)  # interiors are disjoint: the sum assembles the whole map
-        positions = [(height // self.strides[s]) * (width // self.strides[s]) for s in self.style_slots]
-        return tuple(targets), positions
+    def channels(self, slot: int) -> int:
+        return layer_channels(self.network.layers[slot])
 
-    def _style_grams(self, style):
-        height, width = style.shape[-2:]
-        grams = self._summed_grams(style, tile_grid(height, width, self.tile, self.halo))
-        return [(gram, (height // self.strides[s]) * (width // self.strides[s]))
-                for gram, s in zip(grams, self.style_slots)]
-
-    def _summed_grams(self, image: torch.Tensor, tiles: list[Tile]) -> list[torch.Tensor]:
-        """The whole image's Gram at each style layer: interior Grams summed over (all ranks') tiles."""
-        grams = [None] * len(self.style_slots)
-        for tile in self.share(tiles):
+    def maps(self, image: torch.Tensor, slots: Sequence[int]) -> list[torch.Tensor]:
+        height, width = image.shape[-2:]
+        # fp32 whatever the network's precision: a full-size map assembled across processes must
+        # survive all_reduce on every backend (gloo has no bf16 sum).
+        maps = [image.new_zeros((1, self.channels(s), height // self.strides[s], width // self.strides[s]),
+                                dtype=torch.float32) for s in slots]
+        for tile in self.share(self.grid(image)):
             with torch.no_grad(), self.autocast():
                 features = self.network(_crop(image, tile))
-            for i, slot in enumerate(self.style_slots):
-                gram = self.ops.gram(_interior(features[slot], tile, self.strides[slot]))[0]
-                grams[i] = gram if grams[i] is None else grams[i] + gram
-        channels = [self.network_channels(s) for s in self.style_slots]
-        grams = [g if g is not None else image.new_zeros((c, c), dtype=torch.float32)
-                 for g, c in zip(grams, channels)]
+            y0, y1, x0, x1 = tile.interior
+            for target, slot in zip(maps, slots):
+                stride = self.strides[slot]
+                target[:, :, y0 // stride:y1 // stride, x0 // stride:x1 // stride] = \
+                    _interior(features[slot], tile, stride)
+        for target in maps:
+            self.reduce(target)  # interiors are disjoint: the sum assembles the whole map
+        return maps
+
+    def summed_grams(self, image: torch.Tensor, slots: Sequence[int]) -> list[torch.Tensor]:
+        """The whole image's Gram at each slot: interior Grams summed over (all ranks') tiles."""
+        grams = [image.new_zeros((self.channels(s), self.channels(s)), dtype=torch.float32) for s in slots]
+        for tile in self.share(self.grid(image)):
+            with torch.no_grad(), self.autocast():
+                features = self.network(_crop(image, tile))
+            for gram, slot in zip(grams, slots):
+                gram += self.ops.gram(_interior(features[slot], tile, self.strides[slot]))[0]
         for gram in grams:
             self.reduce(gram)
         return grams
 
-    def network_channels(self, slot: int) -> int:
-        from .vgg import layer_channels
+    def grams(self, image: torch.Tensor, slots: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        height, width = image.shape[-2:]
+        return [(gram, (height // self.strides[s]) * (width // self.strides[s]))
+                for gram, s in zip(self.summed_grams(image, slots), slots)]
 
-        return layer_channels(self.network.layers[slot])
 
-    # ---- loss and gradient ------------------------------------------------------------------
+class Tiler:
+    """The objective's loss and gradient, computed tile by tile over the objective's own targets.
+
+    ``objective`` (objective.StyleObjective) holds the targets and weights, computed through
+    ``features``.  Pass 1 sums the Grams of the tile interiors: the whole image's G_l, hence D_l and
+    the style loss.  Pass 2 runs each tile forward and backward on the surrogate of the module
+    docstring and adds its input gradient into the full-image gradient.  One image (B = 1).
+    """
+
+    def __init__(self, objective, features: TiledFeatures, height: int, width: int):
+        self.objective, self.features = objective, features
+        self.tiles = tile_grid(height, width, features.tile, features.halo)
 
     def loss_and_grad(self, image: torch.Tensor, scale: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The total loss (fp32 scalar) and its gradient with respect to ``image`` (fp32), the
-        gradient multiplied by ``scale`` when given (fp16 loss scaling)."""
+        """(the loss as (1,) fp32, its gradient with respect to ``image`` (fp32), times ``scale``
+        when given (fp16 loss scaling))."""
+        objective, features = self.objective, self.features
         image = image.detach()
-        grams = self._summed_grams(image, self.tiles)  # pass 1
+        height, width = image.shape[-2:]
+        grams = features.summed_grams(image, objective.style_slots)  # pass 1
         diffs, style_loss = [], image.new_zeros((), dtype=torch.float32)
-        for gram, target, weight, slot in zip(grams, self.style_targets, self.style_layer_weights,
-                                              self.style_slots):
-            channels, positions = gram.shape[0], self._positions(image, slot)
-            s = 1.0 / (4.0 * channels**2 * positions**2)
+        for gram, target, weight, slot in zip(grams, objective.style_targets, objective.style_layer_weights,
+                                              objective.style_slots):
+            stride = features.strides[slot]
+            s = style_normaliser(gram.shape[0], (height // stride) * (width // stride))
             diff = gram - target
-            style_loss = style_loss + diff.square().sum() * (self.beta * weight * s)
-            diffs.append(diff * (2.0 * s * self.beta * weight))  # the surrogate's constant factor
+            style_loss = style_loss + diff.square().sum() * (objective.beta * weight * s)
+            diffs.append(diff * (2.0 * s * objective.beta * weight))  # the surrogate's constant factor
         grad = torch.zeros_like(image, dtype=torch.float32)
         content_loss = image.new_zeros((), dtype=torch.float32)
-        for tile in self.share(self.tiles):  # pass 2
+        for tile in features.share(self.tiles):  # pass 2
             piece = _crop(image, tile).clone().requires_grad_(True)
-            with self.autocast():
-                features = self.network(piece)
+            with features.autocast():
+                maps = objective.network(piece)
             content_part = piece.new_zeros((), dtype=torch.float32)
-            for slot, target, v in zip(self.content_slots, self.content_targets, self.content_layer_weights):
-                stride = self.strides[slot]
-                y0, y1, x0, x1 = tile.interior
+            y0, y1, x0, x1 = tile.interior
+            for slot, target, v in zip(objective.content_slots, objective.content_targets,
+                                       objective.content_layer_weights):
+                stride = features.strides[slot]
                 p = target[:, :, y0 // stride:y1 // stride, x0 // stride:x1 // stride]
-                content_part = content_part + self.ops.content_loss(
-                    _interior(features[slot], tile, stride), p) * (self.alpha * v)
+                content_part = content_part + objective.ops.content_loss(
+                    _interior(maps[slot], tile, stride), p) * (objective.alpha * v)
             surrogate = content_part
-            for slot, diff in zip(self.style_slots, diffs):
-                f = _interior(features[slot], tile, self.strides[slot])
-                surrogate = surrogate + (self.ops.gram(f)[0] * diff).sum()
-            if scale is not None:
-                surrogate = surrogate * scale
-            (piece_grad,) = torch.autograd.grad(surrogate, piece)
+            for slot, diff in zip(objective.style_slots, diffs):
+                f = _interior(maps[slot], tile, features.strides[slot])
+                surrogate = surrogate + (objective.ops.gram(f)[0] * diff).sum()
+            (piece_grad,) = torch.autograd.grad(surrogate if scale is None else surrogate * scale, piece)
             ry0, ry1, rx0, rx1 = tile.region
             grad[:, :, ry0:ry1, rx0:rx1] += piece_grad.float()
             content_loss = content_loss + content_part.detach()
-        self.reduce(grad)
-        self.reduce(content_loss)
+        features.reduce(grad)
+        features.reduce(content_loss)
         loss = content_loss + style_loss
-        if self.tv_weight:
+        if objective.tv_weight:  # on the whole image
             tv_image = image.clone().requires_grad_(True)
-            tv = total_variation(tv_image) * self.tv_weight
+            tv = objective.tv(tv_image).sum()
             (tv_grad,) = torch.autograd.grad(tv * scale if scale is not None else tv, tv_image)
             grad += tv_grad
             loss = loss + tv.detach()
-        return loss, grad
+        return loss.reshape(1), grad
 
-    def _positions(self, image: torch.Tensor, slot: int) -> int:
-        stride = self.strides[slot]
-        return (image.shape[-2] // stride) * (image.shape[-1] // stride)
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        return self.loss_and_grad(image)[0]

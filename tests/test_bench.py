@@ -12,8 +12,8 @@ import torch
 from fastnst import StyleConfig, bench, bench_report
 from fastnst import reference_gatys as textbook
 from fastnst.cli import main
-from fastnst.engine import initial_image
 from fastnst.objective import StyleObjective, feature_layers
+from fastnst.run import initial_image
 from fastnst.vgg import VGGFeatures, random_state_dict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_reference_step_lowers_the_loss():
 
 
 def test_sizes_that_cannot_fit_are_refused(monkeypatch):
-    monkeypatch.setattr(bench, "available_bytes", lambda device: 10 * 2**20)
+    monkeypatch.setattr(bench, "free_bytes", lambda device: 10 * 2**20)
     rows = bench.bench_rows([64], ["adam"], ["fast", "reference"], torch.device("cpu"), 1, 1, 0,
                             progress=lambda message: None)
     assert all(row.status.startswith("does not fit: needs about") and row.s_per_iter is None for row in rows)

@@ -15,9 +15,9 @@ from PIL import Image, ImageCms
 from fastnst import StyleConfig, color, render
 from fastnst.cli import build_parser, main
 from fastnst.config import PRESETS
-from fastnst.engine import initial_image
 from fastnst.images import image_to_tensor, load_image, resized
 from fastnst.objective import feature_layers
+from fastnst.run import initial_image
 from fastnst.vgg import VGGFeatures, random_state_dict
 
 

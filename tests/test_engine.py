@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fastnst import render
-from fastnst.engine import initial_image, make_step, optimise
+from fastnst.loop import Hooks, optimise
+from fastnst.objective import Autograd
+from fastnst.run import initial_image, make_step
 from fastnst.errors import NonFiniteLossError
 from fastnst.optim import Adam
 
@@ -50,9 +52,9 @@ def test_non_finite_loss_stops_with_the_last_finite_image():
         value = (x - 1).square().sum()
         return value if len(calls) < 4 else value * float("nan")
 
-    step = make_step(objective, Adam(image, lr=0.1))
+    step = make_step(Autograd(objective), Adam(image, lr=0.1))
     with pytest.raises(NonFiniteLossError) as error:
-        optimise(step, image, 10, progress=False)
+        optimise(step, image, 10, Hooks(progress=False))
     assert "iteration 4" in str(error.value) and "--lr" in str(error.value)
     assert error.value.last_iteration == 2  # the image that the third (finite) loss was taken at
     assert torch.isfinite(error.value.last_image).all()
@@ -60,11 +62,11 @@ def test_non_finite_loss_stops_with_the_last_finite_image():
 
 def test_should_stop_interrupts_and_checkpoints_are_taken():
     image = torch.zeros((1, 3, 4, 4), requires_grad=True)
-    step = make_step(lambda x: (x - 0.5).square().sum(), Adam(image, lr=0.01))
+    step = make_step(Autograd(lambda x: (x - 0.5).square().sum()), Adam(image, lr=0.01))
     saved = []
     calls = iter(range(100))
-    result = optimise(step, image, 50, progress=False, checkpoint=lambda i, img: saved.append(i),
-                      checkpoint_every=2, should_stop=lambda: next(calls) >= 7)
+    result = optimise(step, image, 50, Hooks(progress=False, checkpoint=lambda i, img: saved.append(i),
+                                             checkpoint_every=2, should_stop=lambda: next(calls) >= 7))
     assert result.interrupted and result.iterations == 7
     assert saved == [2, 4, 6]
     # Adam moves about lr per step while the gradient keeps its sign: 7 steps of 0.01.

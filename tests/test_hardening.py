@@ -261,7 +261,7 @@ def test_every_numeric_flag_rejects_out_of_range_values_before_work(tmp_path, ca
         raise AssertionError("work started before the options were checked")
 
     monkeypatch.setattr(vgg, "load_weights", no_work)
-    monkeypatch.setattr("fastnst.api.load_weights", no_work)
+    monkeypatch.setattr("fastnst.run.load_weights", no_work)
     monkeypatch.setattr("fastnst.batch.run_batch", no_work)
     monkeypatch.setattr("fastnst.bench.bench_rows", no_work)
     commands = {

@@ -134,6 +134,31 @@ def test_content_loss_value_and_gradient(dtype, layout, shape):
     _close(grad, expected_grad, GRAD_TOLERANCE[dtype], "content loss gradient")
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_per_sample_losses_and_gradients(layout):
+    """style_losses / content_losses give each sample its own loss, and a per-sample grad_out
+    reaches each sample's gradient (the batch manifest's losses and the batched step need both)."""
+    x = _features(3, 70, 91, torch.float32, layout, seed=21)
+    g = torch.Generator().manual_seed(22)
+    basis = torch.randn(70, 140, generator=g, dtype=torch.float64)
+    target = basis @ basis.T * (91 / 140)
+    content_target = torch.randn(x.shape, generator=g, dtype=torch.float64).float().to(DEVICE)
+    grad_out = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
+    for name, ours, theirs, args in [
+            ("style", triton_style_loss.style_losses, reference.style_losses, (target, 7.0)),
+            ("content", triton_content_loss.content_losses, reference.content_losses, (content_target,))]:
+        x64 = x.double().cpu().requires_grad_(True)
+        expected = theirs(x64, *(a.double().cpu() if torch.is_tensor(a) else a for a in args))
+        (expected_grad,) = torch.autograd.grad(expected, x64, grad_outputs=grad_out)
+        xt = x.clone().requires_grad_(True)
+        losses = ours(xt, *(a.float().to(DEVICE) if torch.is_tensor(a) else a for a in args))
+        assert losses.shape == (3,) and losses.dtype == torch.float32
+        for b in range(3):
+            _close(losses[b], expected[b], VALUE_TOLERANCE, f"{name} loss of sample {b}")
+        (grad,) = torch.autograd.grad(losses, xt, grad_outputs=grad_out.float().to(DEVICE))
+        _close(grad, expected_grad, GRAD_TOLERANCE[torch.float32], f"{name} gradient with per-sample grad_out")
+
+
 def test_content_loss_with_different_layouts():
     x = torch.randn(2, 5, 6, 7, device=DEVICE)
     target = torch.randn(2, 5, 6, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -261,7 +286,7 @@ def test_objective_on_triton_matches_the_torch_twins():
     net = VGGFeatures(feature_layers(config), random_state_dict(1)).to(DEVICE)
     results = {}
     for name in ("torch", "triton"):
-        objective = StyleObjective(net, content, [style], config.replace(backend=name))
+        objective = StyleObjective(net, content, [style], config, ops=kernels.ops(DEVICE, name))
         assert objective.ops.name == name
         x = image.clone().requires_grad_(True)
         loss = objective(x)

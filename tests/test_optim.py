@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fastnst import StyleConfig
-from fastnst.engine import initial_image, make_step
-from fastnst.objective import StyleObjective, feature_layers
+from fastnst.run import initial_image, make_step
+from fastnst.objective import Autograd, StyleObjective, feature_layers
 from fastnst.optim import LBFGS, Adam, lbfgs_state_bytes
 from fastnst.vgg import VGGFeatures, random_state_dict
 
@@ -41,7 +41,7 @@ def _torch_lbfgs_trajectory(loss_fn, x0, steps, lr, history):
 def _our_trajectory(loss_fn, x0, steps, lr, history):
     x = x0.clone().unsqueeze(0).requires_grad_(True)  # a batch of one
     opt = LBFGS(x, lr=lr, history=history)
-    step = make_step(lambda batch: loss_fn(batch[0]), opt)
+    step = make_step(Autograd(lambda batch: loss_fn(batch[0])), opt)
     losses = [step(x).item() for _ in range(steps)]
     return x.detach()[0], losses
 
@@ -122,7 +122,7 @@ def test_adam_matches_torch_adam_without_bounds():
     theirs = x0.clone().requires_grad_(True)
     reference = torch.optim.Adam([theirs], lr=0.05)
     ours = x0.clone().requires_grad_(True)
-    step = make_step(loss_fn, Adam(ours, lr=0.05, bounds=None))
+    step = make_step(Autograd(loss_fn), Adam(ours, lr=0.05, bounds=None))
     for _ in range(30):
         reference.zero_grad()
         loss_fn(theirs).backward()
@@ -133,6 +133,6 @@ def test_adam_matches_torch_adam_without_bounds():
 
 def test_adam_projects_onto_the_pixel_range():
     x = torch.full((1, 3, 4, 4), 0.99, requires_grad=True)
-    step = make_step(lambda img: -img.sum() * 100, Adam(x, lr=0.5))
+    step = make_step(Autograd(lambda img: -img.sum() * 100), Adam(x, lr=0.5))
     step(x)
     assert x.max().item() == 1.0 and x.min().item() >= 0.0

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from fastnst import StyleConfig, render
-from fastnst.engine import initial_image, make_step
 from fastnst.errors import ConfigError
-from fastnst.objective import StyleObjective, feature_layers
+from fastnst.objective import Autograd, StyleObjective, feature_layers
 from fastnst.optim import LBFGS, Adam
 from fastnst.precision import LossScaler, autocast_for, resolve_precision
+from fastnst.run import initial_image, make_step
 from fastnst.vgg import VGGFeatures, random_state_dict
 
 
@@ -41,7 +41,9 @@ def test_fp16_with_loss_scaling_runs_without_nan(content_path, style_path, small
     result = render(content_path, style_path, small_config, precision="fp16")
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
     assert result.loss < 0.5 * result.losses[0][1]
-    assert result.skipped_steps >= 0 and torch.isfinite(result.image).all()
+    # The initial scale, 2^16, overflows fp16 here, so the scaler skips and lowers it (measured: one
+    # skipped step); every later step is taken.
+    assert 1 <= result.skipped_steps <= 5 and torch.isfinite(result.image).all()
 
 
 @pytest.mark.parametrize("optimizer", [LBFGS, Adam])
@@ -51,7 +53,7 @@ def test_overflowed_step_is_skipped_and_the_scale_lowered(optimizer):
     scaler = LossScaler(image.device, initial=2.0**16, interval=2)
     # The gradient passes through fp16 as scale * 300, which overflows fp16 (max 65504) until
     # the scale is down to 128: nine halvings.
-    step = make_step(lambda x: (x.half() * 300).float().sum(), opt, scaler=scaler)
+    step = make_step(Autograd(lambda x: (x.half() * 300).float().sum()), opt, scaler=scaler)
     start = image.detach().clone()
 
     def tensors():
@@ -92,11 +94,10 @@ def test_the_step_is_pure(precision, optimizer):
     content, style = torch.rand(1, 3, 32, 40, generator=g), torch.rand(1, 3, 32, 40, generator=g)
     net = VGGFeatures(feature_layers(config), random_state_dict(3))
     autocast = autocast_for(precision, torch.device("cpu"))
-    with autocast():
-        objective = StyleObjective(net, content, [style], config)
+    objective = StyleObjective(net, content, [style], config, autocast=autocast)
     image = initial_image("noise", content, style, 0).requires_grad_(True)
     opt = LBFGS(image, history=4) if optimizer == "lbfgs" else Adam(image)
-    step = make_step(objective, opt, autocast)
+    step = make_step(objective, opt)
     for _ in range(3):  # fill some history first
         step(image)
 

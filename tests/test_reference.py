@@ -144,3 +144,19 @@ def test_style_and_content_losses_under_autocast_match_float64(autocast_dtype):
     assert grad.dtype == autocast_dtype
     error = (grad.double() - expected_grad).abs().max() / expected_grad.abs().max()
     assert error <= tolerance, f"gradient relative error {error:.3g}"
+
+
+def test_per_sample_losses_are_each_samples_own():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64)
+    basis = torch.randn(3, 5, 9, generator=g, dtype=torch.float64)
+    targets = basis @ basis.transpose(1, 2)  # one target per sample
+    content_target = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64)
+    style = reference.style_losses(x, targets, 2.0)
+    content = reference.content_losses(x, content_target)
+    assert style.shape == content.shape == (3,)
+    for b in range(3):
+        alone = x[b:b + 1]
+        torch.testing.assert_close(style[b], reference.style_loss(alone, targets[b], 2.0), rtol=1e-12, atol=0)
+        torch.testing.assert_close(content[b], 0.5 * (alone - content_target[b]).square().sum(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(reference.style_loss(x, targets, 2.0), style.sum(), rtol=1e-12, atol=0)

@@ -8,8 +8,16 @@ import torch
 from fastnst import StyleConfig, render
 from fastnst import api
 from fastnst.objective import StyleObjective, feature_layers
-from fastnst.tiling import TiledObjective, exact_halo, tile_grid
+from fastnst.run import Inputs, Runtime, make_objective
+from fastnst.tiling import exact_halo, tile_grid
 from fastnst.vgg import VGGFeatures, random_state_dict
+
+
+def _tiled(network, content, style, config, tile):
+    """The run builder's tiled objective (the CPU twins, fp32) over ``network``."""
+    runtime = Runtime(device=torch.device("cpu"), precision="fp32", backend="torch", cuda_graph=False,
+                      network=network)
+    return make_objective(runtime, config, Inputs(content=content, styles=[style]), tile=tile)
 
 
 def test_exact_halo_follows_the_receptive_field():
@@ -48,14 +56,14 @@ def test_tiled_objective_equals_the_untiled_one(pooling):
     loss = untiled(x)
     (grad,) = torch.autograd.grad(loss, x)
     for tile in (64, 96):
-        tiled = TiledObjective(network, content, [style], config, tile=tile)
+        tiled = _tiled(network, content, style, config, tile)
         assert len(tiled.tiles) == (12 if tile == 64 else 6)
-        tiled_loss, tiled_grad = tiled.loss_and_grad(image)
-        torch.testing.assert_close(tiled_loss, loss, rtol=1e-4, atol=0)
+        tiled_losses, tiled_grad = tiled.loss_and_grad(image)
+        torch.testing.assert_close(tiled_losses[0], loss, rtol=1e-4, atol=0)
         torch.testing.assert_close(tiled_grad, grad, rtol=0, atol=1e-4 * grad.abs().max().item())
-        for ours, theirs in zip(tiled.style_targets, untiled.style_targets):
+        for ours, theirs in zip(tiled.objective.style_targets, untiled.style_targets):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4 * theirs.abs().max().item())
-        for ours, theirs in zip(tiled.content_targets, untiled.content_targets):
+        for ours, theirs in zip(tiled.objective.content_targets, untiled.content_targets):
             torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item())
 
 
@@ -66,7 +74,7 @@ def test_a_smaller_halo_is_only_approximate():
     network = VGGFeatures(feature_layers(config), random_state_dict(1))
     x = image.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(StyleObjective(network, content, [style], config)(x), x)
-    _, rough = TiledObjective(network, content, [style], config, tile=32, halo=16).loss_and_grad(image)
+    _, rough = _tiled(network, content, style, config.replace(tile_halo=16), 32).loss_and_grad(image)
     assert (rough - grad).abs().max() > 1e-3 * grad.abs().max()
 
 
@@ -79,17 +87,16 @@ def test_tiled_runs_end_to_end_and_auto_keeps_small_images_untiled(content_path,
 
 
 def test_out_of_memory_falls_back_to_tiles_once(content_path, style_path, small_config, monkeypatch):
-    real = api._optimise
+    real = api.build_run
     attempts = []
 
-    def untiled_runs_out_of_memory(*args):
-        tile = args[6]
+    def untiled_runs_out_of_memory(runtime, config, inputs, *, tile=None, shard=None):
         attempts.append(tile)
         if tile is None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(*args)
+        return real(runtime, config, inputs, tile=tile, shard=shard)
 
-    monkeypatch.setattr(api, "_optimise", untiled_runs_out_of_memory)
+    monkeypatch.setattr(api, "build_run", untiled_runs_out_of_memory)
     notes = []
     result = render(content_path, style_path, small_config, iterations=2, notify=notes.append)
     assert attempts[0] is None and attempts[1] is not None and result.tile == attempts[1]
@@ -97,10 +104,10 @@ def test_out_of_memory_falls_back_to_tiles_once(content_path, style_path, small_
 
 
 def test_out_of_memory_with_tiles_is_a_clear_error(content_path, style_path, small_config, monkeypatch):
-    def always_out_of_memory(*args):
+    def always_out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
 
-    monkeypatch.setattr(api, "_optimise", always_out_of_memory)
+    monkeypatch.setattr(api, "build_run", always_out_of_memory)
     with pytest.raises(api.RunError, match="out of memory .* with 32 px tiles; use a smaller --tile"):
         render(content_path, style_path, small_config, tile=32, iterations=2)
 

@@ -36,12 +36,11 @@ def triton_installed() -> bool:
 
 def interpreting() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
-    try:
-        from triton import knobs
+    if not triton_installed():
+        return False
+    from .triton_gram import interpreting as triton_interpreting
 
-        return bool(knobs.runtime.interpret)
-    except Exception:  # older Triton without knobs: read the variable it reads
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    return triton_interpreting()
 
 
 def set_backend(name: str) -> None:
@@ -86,18 +85,22 @@ def resolve(device: torch.device | str, backend: str | None = None) -> str:
 
 
 def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespace:
-    """The gram / style_loss / content_loss functions of the backend resolved for ``device``."""
+    """The kernels of the backend resolved for ``device``: gram, and style/content losses per sample
+    (``style_losses``, ``content_losses``: (B,)) and summed over the batch (``style_loss``, ...)."""
     name = resolve(device, backend)
     if name == "torch":
-        from . import reference
+        from . import reference as chosen
+    else:
+        from . import triton_content_loss, triton_gram, triton_style_loss
 
-        return SimpleNamespace(name=name, gram=reference.gram, style_loss=reference.style_loss,
-                               content_loss=reference.content_loss)
-    from .triton_content_loss import content_loss
-    from .triton_gram import gram
-    from .triton_style_loss import style_loss
+        chosen = SimpleNamespace(gram=triton_gram.gram, style_losses=triton_style_loss.style_losses,
+                                 style_loss=triton_style_loss.style_loss,
+                                 content_losses=triton_content_loss.content_losses,
+                                 content_loss=triton_content_loss.content_loss)
+    return SimpleNamespace(name=name, **{op: getattr(chosen, op) for op in OPS})
 
-    return SimpleNamespace(name=name, gram=gram, style_loss=style_loss, content_loss=content_loss)
+
+OPS = ("gram", "style_losses", "style_loss", "content_losses", "content_loss")
 
 
 @contextlib.contextmanager

@@ -42,8 +42,15 @@ def gram(x: torch.Tensor) -> torch.Tensor:
         return f @ f.transpose(1, 2)
 
 
-class _StyleLoss(torch.autograd.Function):
-    """The style loss with its gradient written out: 2 s (D + D^T) F, s = weight / (4 C^2 M^2).
+def style_normaliser(channels: int, positions: int) -> float:
+    """1 / (4 C^2 M^2), the normalisation of E_l (DESIGN.md): the one place it is written.
+
+    Formed in Python (double): 4 C^2 M^2 passes 1e15 at 512 px and would lose digits in fp32."""
+    return 1.0 / (4.0 * channels**2 * positions**2)
+
+
+class _StyleLosses(torch.autograd.Function):
+    """Per-sample style losses with their gradient written out: 2 s (D + D^T) F, s = w / (4 C^2 M^2).
 
     Autograd through G = F F^T would form grad_G F and grad_G^T F, two (C x C) @ (C x M) products;
     D + D^T first needs one, halving the backward's matmul work (on the CPU at 256 px that was
@@ -53,36 +60,42 @@ class _StyleLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, target_gram: torch.Tensor, weight: float) -> torch.Tensor:
         f = _flat(x)
-        channels, positions = f.shape[1], f.shape[2]
         with _full_precision(f):
             diff = f @ f.transpose(1, 2) - _wide(target_gram)
-        # The scale is formed in Python (double): 4 C^2 M^2 passes 1e15 at 512 px and would lose
-        # digits if formed in fp32 first.
-        scale = weight / (4.0 * channels**2 * positions**2)
         ctx.save_for_backward(x, diff)
-        ctx.scale = scale
-        return diff.square().sum() * scale
+        ctx.scale = weight * style_normaliser(f.shape[1], f.shape[2])
+        return diff.square().sum(dim=(1, 2)) * ctx.scale
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, diff = ctx.saved_tensors
         with _full_precision(diff):
-            symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out
+            symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out.view(-1, 1, 1)
             grad = (symmetric @ _flat(x)).view(x.shape).to(x.dtype)
         return grad, None, None
 
 
-def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """sum_b weight / (4 C^2 M^2) * sum (G_b - A)^2; A is (C, C) or (B, C, C).
+def style_losses(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """(B,) fp32: weight / (4 C^2 M^2) * sum (G_b - A)^2 of each sample; A is (C, C) or (B, C, C).
 
     Differentiable with respect to x only (targets are constants, computed under no_grad)."""
     _flat(x)  # shape check before autograd sees it
     if target_gram.requires_grad and torch.is_grad_enabled():
         raise ValueError("the style loss does not differentiate with respect to the target Gram")
-    return _StyleLoss.apply(x, target_gram, float(weight))
+    return _StyleLosses.apply(x, target_gram, float(weight))
+
+
+def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The style losses summed over the batch: an fp32 scalar."""
+    return style_losses(x, target_gram, weight).sum()
+
+
+def content_losses(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) fp32: 1/2 sum (F - P)^2 of each sample, whatever autocast is on."""
+    with _full_precision(x):
+        return 0.5 * (_wide(x) - _wide(target)).square().flatten(1).sum(dim=1)
 
 
 def content_loss(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1/2 sum (F - P)^2, in fp32 whatever autocast is on."""
-    with _full_precision(x):
-        return 0.5 * (_wide(x) - _wide(target)).square().sum()
+    """The content losses summed over the batch: an fp32 scalar."""
+    return content_losses(x, target).sum()

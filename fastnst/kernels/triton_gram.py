@@ -32,6 +32,8 @@ exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step ke
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -78,7 +80,7 @@ def _gram_epilogue(g, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stri
         tl.store(out_base + direct_off, d, mask=direct)
         tl.store(out_base + mirror_off, d_mirror, mask=mirror)
         partial = tl.sum(tl.sum(d * d + d_mirror * d_mirror, axis=1), axis=0)
-        tl.atomic_add(loss_ptr, partial * loss_scale)
+        tl.atomic_add(loss_ptr + b, partial * loss_scale)
     else:
         tl.store(out_base + direct_off, g, mask=direct)
         tl.store(out_base + mirror_off, g, mask=mirror)
@@ -91,7 +93,7 @@ def _gram_kernel(
     out_ptr,  # (B, C, C) fp32 contiguous: G, or D = G - A for STYLE
     ws_ptr,  # SPLIT: (B, C, C) fp32 zeroed workspace for partial tiles; else unused
     counter_ptr,  # SPLIT: (B, T, T) int32 zeroed arrival counters; else unused
-    loss_ptr,  # STYLE: one fp32, zeroed; receives sum over tiles of loss_scale * sum D^2
+    loss_ptr,  # STYLE: (B,) fp32, zeroed; sample b receives sum over its tiles of loss_scale * sum D^2
     C, M,  # channels, positions
     stride_xb, stride_xc, stride_xm,  # strides of F in elements
     stride_tb, stride_tc, stride_tr,  # strides of A in elements
@@ -155,7 +157,7 @@ def _gram_backward_kernel(
     d_ptr,  # D, (B, C, C) fp32 contiguous (symmetric)
     x_ptr,  # F, (B, C, M) at its strides
     grad_ptr,  # output, (B, C, M) at its strides, in its own dtype
-    scale_ptr,  # HAS_SCALE_PTR: a device fp32 scalar multiplying the result (autograd's grad_out)
+    scale_ptr,  # HAS_SCALE_PTR: (B,) device fp32, sample b's result times scale_ptr[b] (grad_out)
     scale,  # a host float multiplying the result
     C, M,
     stride_xb, stride_xc, stride_xm,
@@ -163,7 +165,7 @@ def _gram_backward_kernel(
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     HAS_SCALE_PTR: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
-    """grad[b, c, m] = scale * (*scale_ptr) * sum_k D[b, c, k] F[b, k, m]."""
+    """grad[b, c, m] = scale * scale_ptr[b] * sum_k D[b, c, k] F[b, k, m]."""
     # One grid axis: pid = (b * m_blocks + pm) * c_blocks + pc; neighbouring programs take the
     # channel blocks of the same positions, so each F column block is read from L2 after the first.
     pid = tl.program_id(0)
@@ -190,7 +192,7 @@ def _gram_backward_kernel(
             acc += tl.dot(d.to(f.dtype), f)
     acc = acc * scale
     if HAS_SCALE_PTR:
-        acc = acc * tl.load(scale_ptr)
+        acc = acc * tl.load(scale_ptr + b)
     g_base = grad_ptr + b * stride_gb
     tl.store(g_base + rows[:, None] * stride_gc + cols[None, :] * stride_gm,
              acc.to(grad_ptr.dtype.element_ty), mask=(rows[:, None] < C) & (cols[None, :] < M))
@@ -218,6 +220,16 @@ def as_bcm(x: torch.Tensor) -> tuple[torch.Tensor, int, int, tuple[int, int, int
     raise ValueError(f"features must have shape (B, C, H, W) or (B, C, M), not {tuple(x.shape)}")
 
 
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter (TRITON_INTERPRET=1)."""
+    try:
+        from triton import knobs
+
+        return bool(knobs.runtime.interpret)
+    except Exception:  # older Triton without knobs: read the variable it reads
+        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
 def _use_fp32_dot(x: torch.Tensor, backward: bool = False) -> bool:
     """Whether products are formed in fp32 rather than on 16-bit tensor cores.
 
@@ -225,16 +237,12 @@ def _use_fp32_dot(x: torch.Tensor, backward: bool = False) -> bool:
     overflow fp16's 65504, so it stays fp32 (bf16 has fp32's exponent range and is fine).
     Under the interpreter: always, because its bf16/fp16 dot is wrong (numpy has no bf16 matmul).
     """
-    from .backend import interpreting
-
     return (x.dtype == torch.float32 or (backward and x.dtype == torch.float16) or interpreting())
 
 
 def programs_wanted(device: torch.device) -> int:
     """Programs that fill ``device``: a few per streaming multiprocessor (a fixed small number
     under the interpreter, which has no SMs but must still take the split path)."""
-    from .backend import interpreting
-
     if interpreting() or device.type != "cuda":
         return INTERPRETER_PROGRAMS
     return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -280,9 +288,9 @@ def new_like(x: torch.Tensor) -> torch.Tensor:
 
 def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale: float = 0.0,
                 split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """G (target None) or D = G - A and the loss (target given), both fp32.
+    """G (target None) or D = G - A and the per-sample losses (target given), all fp32.
 
-    Returns (out, loss) with out (B, C, C) and loss a 0-d tensor (None without a target).
+    Returns (out, losses) with out (B, C, C) and losses (B,) (None without a target).
     ``split`` forces the number of programs per tile (tests); None picks it from the device.
     """
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -296,14 +304,14 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
     chunk = max(1, triton.cdiv(triton.cdiv(positions, n_split), BLOCK_K)) * BLOCK_K
     n_split = max(1, triton.cdiv(positions, chunk))  # no empty programs
     out = new_output((batch, channels, channels), torch.float32, x.device)
-    # One zeroed allocation (one memset) holds the loss, the arrival counters and, when split, the
+    # One zeroed allocation (one memset) holds the losses, the arrival counters and, when split, the
     # workspace; each part starts on a 64-byte boundary so the workspace's tile loads stay wide.
     n_counters = batch * tiles * tiles if n_split > 1 else 0
     n_ws = batch * channels * channels if n_split > 1 else 0
-    counters_at = SCRATCH_ALIGN
+    counters_at = _aligned(batch)
     ws_at = counters_at + _aligned(n_counters)
     scratch = torch.zeros(ws_at + n_ws, dtype=torch.float32, device=x.device)
-    loss = scratch[0]
+    loss = scratch[:batch]
     counters = scratch[counters_at:ws_at].view(torch.int32) if n_split > 1 else scratch
     workspace = scratch[ws_at:] if n_split > 1 else scratch
     style = target is not None
@@ -326,7 +334,8 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
 
 def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
                          scale_tensor: torch.Tensor | None = None) -> torch.Tensor:
-    """scale * scale_tensor * D F, shaped and laid out like x, in x's dtype."""
+    """scale * scale_tensor[b] * D_b F_b, shaped and laid out like x, in x's dtype; scale_tensor
+    is (B,) fp32 contiguous (autograd's grad_out of per-sample losses) or None."""
     xv, channels, positions, (sxb, sxc, sxm) = as_bcm(x)
     grad = new_like(xv)  # xv's layout merges H and W, and empty_like keeps it
     _, _, _, (sgb, sgc, sgm) = as_bcm(grad)

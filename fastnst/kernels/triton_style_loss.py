@@ -1,38 +1,44 @@
-"""The fused style loss, sum_b weight / (4 C^2 M^2) sum (G_b - A)^2, as a torch.autograd.Function.
+"""The fused style losses, weight / (4 C^2 M^2) sum (G_b - A)^2 per sample, as a torch.autograd.Function.
 
-Forward is one Gram launch whose epilogue forms D = G - A and the loss (triton_gram.py); D is kept for
-backward, which is one launch of the D F product: grad_x = grad_out * weight / (C^2 M^2) * D F,
-in x's dtype and layout.  grad_out stays on the device (no host read), so the step can be captured
-in a CUDA graph.
+Forward is one Gram launch whose epilogue forms D = G - A and each sample's loss (triton_gram.py); D
+is kept for backward, which is one launch of the D F product: grad_x[b] = grad_out[b] * weight /
+(C^2 M^2) * D_b F_b, in x's dtype and layout.  grad_out stays on the device (no host read), so the
+step can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .reference import style_normaliser
 from .triton_gram import as_bcm, launch_gram, launch_gram_backward
 
 
-class StyleLoss(torch.autograd.Function):
+class StyleLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, target_gram: torch.Tensor, weight: float) -> torch.Tensor:
         _, channels, positions, _ = as_bcm(x)
-        scale = weight / (4.0 * channels**2 * positions**2)
-        d, loss = launch_gram(x, target_gram, loss_scale=scale)
+        scale = weight * style_normaliser(channels, positions)
+        d, losses = launch_gram(x, target_gram, loss_scale=scale)
         ctx.save_for_backward(x, d)
         ctx.grad_scale = 4.0 * scale  # weight / (C^2 M^2)
-        return loss
+        return losses
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, d = ctx.saved_tensors
-        grad = launch_gram_backward(d, x, scale=ctx.grad_scale, scale_tensor=grad_out.float().reshape(1))
-        return grad, None, None
+        per_sample = grad_out.float().reshape(-1).contiguous()
+        return launch_gram_backward(d, x, scale=ctx.grad_scale, scale_tensor=per_sample), None, None
 
 
-def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    """Fused Triton style loss; A is (C, C) or (B, C, C); returns an fp32 scalar."""
+def style_losses(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """Fused Triton style losses; A is (C, C) or (B, C, C); returns (B,) fp32."""
     if target_gram.requires_grad and torch.is_grad_enabled():
         raise ValueError("the Triton style loss does not differentiate with respect to the target "
                          "Gram; detach it or use the torch backend")
-    return StyleLoss.apply(x, target_gram, float(weight))
+    return StyleLosses.apply(x, target_gram, float(weight))
+
+
+def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    """The style losses summed over the batch: an fp32 scalar."""
+    return style_losses(x, target_gram, weight).sum()
