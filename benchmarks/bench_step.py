@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: step benchmark skipped")
         return 0
-    from fastnst.bench import time_step
+    from fastnst.bench import Timing, time_step
     from fastnst.devices import run_metadata
 
     rows = []
@@ -56,8 +56,8 @@ def main(argv=None) -> int:
     for size in args.sizes:
         for mode in args.modes:
             precision, graph = MODES[mode]
-            timing = time_step(size, precision=precision, cuda_graph=graph, iterations=args.iterations,
-                               repeats=args.repeats)
+            timing = time_step(size, precision=precision, cuda_graph=graph,
+                               timing=Timing(iterations=args.iterations, repeats=args.repeats))
             row = dict(mode=mode, **dataclasses.asdict(timing))
             titan = TITAN_X_S_PER_ITER.get(size)
             row["speedup_vs_titan_x_maxwell"] = titan / timing.seconds_per_iteration if titan else None

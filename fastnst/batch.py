@@ -299,6 +299,22 @@ def bucket_key(job: Job, size: tuple[int, int]) -> tuple:
     return size, bucket_key_options(job.config)
 
 
+@dataclass
+class _Ledger:
+    """Where each job's outcome goes: the summary, the manifest on disk, and notes for the user."""
+
+    summary: Summary
+    manifest: Manifest
+    notify: Callable[[str], None]
+
+    def record(self, outcome: Outcome) -> None:
+        self.summary.outcomes.append(outcome)
+        self.manifest.append(dataclasses.asdict(outcome))
+
+    def fail(self, job: Job, error: str) -> None:
+        self.record(Outcome(job=job.id, status="failed", error=error))
+
+
 def auto_batch_size(config: StyleConfig, device: torch.device, width: int, height: int, jobs: int,
                     models: dict | None = None) -> int:
     """As many images as the planner says fit the free memory (at most MAX_AUTO_BATCH).  ``models``
@@ -323,6 +339,7 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
     manifest = Manifest(out)
     finished = set() if batch.force else manifest.finished()
     summary = Summary(skipped=sum(job.id in finished for job in jobs))
+    ledger = _Ledger(summary, manifest, notify)
     started = time.perf_counter()
     buckets: dict[tuple, list[Job]] = {}
     for job in jobs:
@@ -331,7 +348,7 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
         try:
             size = output_size(job)
         except FastNSTError as exc:
-            _fail(summary, manifest, job, str(exc))
+            ledger.fail(job, str(exc))
             continue
         buckets.setdefault(bucket_key(job, size), []).append(job)
     batches_run, models, runtimes = 0, {}, {}
@@ -349,7 +366,7 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
             if key not in runtimes:  # one network per weights and layers, built when first needed
                 runtimes[key] = resolve_runtime(config, device)
             summary.precision = runtimes[key].precision
-            _render_batch(members[start:start + per_batch], size, runtimes[key], summary, manifest, notify,
+            _render_batch(members[start:start + per_batch], size, runtimes[key], ledger,
                           dataclasses.replace(hooks, report_every=config.report_every,
                                               label=f"batch at {size[0]}x{size[1]}"))
             batches_run += 1
@@ -359,12 +376,6 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
             break
     summary.seconds = time.perf_counter() - started
     return summary
-
-
-def _fail(summary: Summary, manifest: Manifest, job: Job, error: str) -> None:
-    outcome = Outcome(job=job.id, status="failed", error=error)
-    summary.outcomes.append(outcome)
-    manifest.append(dataclasses.asdict(outcome))
 
 
 def _load_job(job: Job, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -387,8 +398,7 @@ def _load_job(job: Job, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tens
     return original, prepared, styles
 
 
-def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, summary: Summary,
-                  manifest: Manifest, notify, hooks: Hooks) -> None:
+def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, ledger: _Ledger, hooks: Hooks) -> None:
     """Load, optimise and write one batch; a job whose inputs fail to load is dropped from it."""
     loaded, ready = [], []
     for job in jobs:
@@ -396,7 +406,7 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, summ
             loaded.append(_load_job(job, size))
             ready.append(job)
         except FastNSTError as exc:
-            _fail(summary, manifest, job, str(exc))
+            ledger.fail(job, str(exc))
     if not ready:
         return
     device, config = runtime.device, ready[0].config
@@ -413,10 +423,10 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, summ
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             message = f"out of memory with a batch of {len(ready)}; use a smaller --batch-size"
         for job in ready:
-            _fail(summary, manifest, job, message)
+            ledger.fail(job, message)
         return
     if result.interrupted:
-        summary.interrupted = True  # the batch in flight is not written; a rerun redoes it
+        ledger.summary.interrupted = True  # the batch in flight is not written; a rerun redoes it
         return
     seconds = time.perf_counter() - began
     for b, (job, (original, _, _)) in enumerate(zip(ready, loaded)):
@@ -424,16 +434,15 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, summ
             image = color.finish(job.config.preserve_color, result.image[b:b + 1], original)
             save_image(image, job.output, 16 if job.config.output_16bit else 8, read_metadata(job.content))
         except FastNSTError as exc:
-            _fail(summary, manifest, job, str(exc))
+            ledger.fail(job, str(exc))
             continue
-        outcome = Outcome(job=job.id, status="done", output=str(job.output), seconds=seconds / len(ready),
-                          loss=result.sample_losses[b], size=size, iterations=result.iterations, batch=len(ready))
-        summary.outcomes.append(outcome)
-        manifest.append(dataclasses.asdict(outcome))
+        ledger.record(Outcome(job=job.id, status="done", output=str(job.output), seconds=seconds / len(ready),
+                          loss=result.sample_losses[b], size=size, iterations=result.iterations,
+                          batch=len(ready)))
     pixels = size[0] * size[1]
-    summary.megapixel_iterations += len(ready) * pixels * result.iterations / 1e6
-    summary.model_flops += len(ready) * model_flops(size[1], size[0]) * result.iterations
-    notify(f"batch of {len(ready)} at {size[0]}x{size[1]}: {seconds:.1f} s, "
+    ledger.summary.megapixel_iterations += len(ready) * pixels * result.iterations / 1e6
+    ledger.summary.model_flops += len(ready) * model_flops(size[1], size[0]) * result.iterations
+    ledger.notify(f"batch of {len(ready)} at {size[0]}x{size[1]}: {seconds:.1f} s, "
            f"{len(ready) / seconds:.2f} images/s")
 
 

@@ -43,6 +43,16 @@ def published_for(size: int, optimizer: str) -> list[dict]:
     return [p for p in PUBLISHED if p["size"] == size and p["optimizer"] == optimizer]
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How each figure is taken: ``warmup`` untimed steps, then the median of ``repeats`` timed runs
+    of ``iterations`` steps."""
+
+    iterations: int = 20
+    repeats: int = 5
+    warmup: int = 3
+
+
 @dataclass
 class StepTiming:
     size: int
@@ -77,8 +87,8 @@ class BenchRow:
 # Timing
 
 
-def time_step(size: int, *, config: StyleConfig | None = None, device: str = "cuda", iterations: int = 20,
-              repeats: int = 5, warmup: int = 3, **overrides) -> StepTiming:
+def time_step(size: int, *, config: StyleConfig | None = None, device: str = "cuda", timing: Timing = Timing(),
+              **overrides) -> StepTiming:
     """Seconds per iteration of fastnst's run on a size x size image (random weights and images:
     speed does not depend on them).  ``config`` (default StyleConfig()) with ``overrides`` gives
     the objective, optimiser, precision, graph and backend."""
@@ -87,14 +97,14 @@ def time_step(size: int, *, config: StyleConfig | None = None, device: str = "cu
     reset_peak(dev)
     runtime = resolve_runtime(config, dev, weights="random")
     run = build_run(runtime, config, synthetic_inputs(size, dev))
-    seconds, spread = time_run(run, iterations, repeats, warmup)
+    seconds, spread = time_run(run, timing.iterations, timing.repeats, timing.warmup)
     return StepTiming(size=size, precision=runtime.precision, cuda_graph=run.graphed, optimizer=config.optimizer,
                       backend=runtime.backend, seconds_per_iteration=seconds, spread=spread,
                       model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=peak_bytes(dev))
 
 
-def time_reference(size: int, *, optimizer: str = "lbfgs", device: str = "cuda", iterations: int = 20,
-                   repeats: int = 5, warmup: int = 3) -> StepTiming:
+def time_reference(size: int, *, optimizer: str = "lbfgs", device: str = "cuda", timing: Timing = Timing()
+                   ) -> StepTiming:
     """Seconds per iteration of the textbook reference (fastnst/reference_gatys.py)."""
     from . import reference_gatys as textbook
     from .vgg import random_state_dict
@@ -109,9 +119,9 @@ def time_reference(size: int, *, optimizer: str = "lbfgs", device: str = "cuda",
     start = torch.rand(inputs.content.shape, generator=torch.Generator().manual_seed(1))
     image = start.to(dev).requires_grad_(True)
     step = textbook.make_step(model, style_losses, content_losses, image, textbook.make_optimizer(optimizer, image))
-    for _ in range(warmup):
+    for _ in range(timing.warmup):
         step()
-    seconds, spread = time_steps(step, dev, iterations, repeats)
+    seconds, spread = time_steps(step, dev, timing.iterations, timing.repeats)
     return StepTiming(size=size, precision="fp32", cuda_graph=False, optimizer=optimizer, backend="torch",
                       seconds_per_iteration=seconds, spread=spread,
                       model_tflops=model_flops(size, size) / seconds / 1e12, peak_memory_bytes=peak_bytes(dev))
@@ -143,8 +153,8 @@ def resolved_mode(mode: str, device: torch.device):
     return resolve_settings(StyleConfig().replace(**_mode_settings(mode)), device)
 
 
-def bench_rows(sizes, optimizers, modes, device: torch.device, iterations: int, repeats: int, warmup: int,
-               progress=print, on_row=None) -> list[BenchRow]:
+def bench_rows(sizes, optimizers, modes, device: torch.device, timing: Timing, progress=print,
+               on_row=None) -> list[BenchRow]:
     """Time every (size, optimizer, mode); ablations equal to the fast path on this device are
     listed as such instead of being timed twice.  ``on_row(rows)`` is called after every row, so
     a caller can save what is measured before a long run ends (or is interrupted)."""
@@ -158,7 +168,7 @@ def bench_rows(sizes, optimizers, modes, device: torch.device, iterations: int, 
                 row = BenchRow(size=size, optimizer=optimizer, mode=mode)
                 rows.append(row)
                 group.append(row)
-                _measure(row, fast, device, iterations, repeats, warmup, progress)
+                _measure(row, fast, device, timing, progress)
                 on_row(rows)
             reference = next((r.s_per_iter for r in group if r.mode == "reference" and r.s_per_iter), None)
             if reference:
@@ -169,8 +179,7 @@ def bench_rows(sizes, optimizers, modes, device: torch.device, iterations: int, 
     return rows
 
 
-def _measure(row: BenchRow, fast: tuple | None, device: torch.device, iterations: int, repeats: int, warmup: int,
-             progress) -> None:
+def _measure(row: BenchRow, fast, device: torch.device, timing: Timing, progress) -> None:
     """Time one row in place, or say in its status why it was not timed (``fast``: what the fast
     path amounts to on this device when it is timed too, so an equal ablation is not timed twice)."""
     label = f"{row.size} px {row.optimizer} {row.mode}"
@@ -183,23 +192,21 @@ def _measure(row: BenchRow, fast: tuple | None, device: torch.device, iterations
         progress(f"{label}: {row.status}")
         return
     try:
-        timing = _time_mode(row.mode, row.size, row.optimizer, device, iterations, repeats, warmup)
+        measured = _time_mode(row.mode, row.size, row.optimizer, device, timing)
     except torch.cuda.OutOfMemoryError:
         row.status = "does not fit: out of memory"
         reset_peak(device)
         progress(f"{label}: {row.status}")
         return
-    _fill(row, timing)
-    progress(f"{label}: {timing.seconds_per_iteration:.4f} s/iter")
+    _fill(row, measured)
+    progress(f"{label}: {measured.seconds_per_iteration:.4f} s/iter")
 
 
-def _time_mode(mode, size, optimizer, device, iterations, repeats, warmup) -> StepTiming:
+def _time_mode(mode: str, size: int, optimizer: str, device: torch.device, timing: Timing) -> StepTiming:
     if mode == "reference":
-        return time_reference(size, optimizer=optimizer, device=str(device), iterations=iterations,
-                              repeats=repeats, warmup=warmup)
-    # time_step starts from StyleConfig(), the fast path; the mode switches one feature off.
-    return time_step(size, optimizer=optimizer, device=str(device), iterations=iterations, repeats=repeats,
-                     warmup=warmup, **_mode_settings(mode))
+        return time_reference(size, optimizer=optimizer, device=str(device), timing=timing)
+    # time_step starts from StyleConfig(), the fast path; the mode switches features off.
+    return time_step(size, optimizer=optimizer, device=str(device), timing=timing, **_mode_settings(mode))
 
 
 def _fill(row: BenchRow, timing: StepTiming) -> None:
@@ -255,7 +262,7 @@ def fits(mode: str, size: int, device: torch.device, optimizer: str = "lbfgs") -
     beyond what one launch indexes), which equally means "does not fit".
     """
     try:
-        _time_mode(mode, size, optimizer, device, iterations=1, repeats=1, warmup=1)
+        _time_mode(mode, size, optimizer, device, Timing(iterations=1, repeats=1, warmup=1))
         return True
     except (RuntimeError, ValueError):  # torch.cuda.OutOfMemoryError is a RuntimeError
         return False

@@ -369,8 +369,9 @@ def _bench(args: argparse.Namespace) -> int:
             save(rows)
 
         try:
-            rows = bench.bench_rows(sizes, config.optimizers, config.timed_modes(), device, config.iterations,
-                                    config.repeats, config.warmup, progress=progress, on_row=keep)
+            timing = bench.Timing(config.iterations, config.repeats, config.warmup)
+            rows = bench.bench_rows(sizes, config.optimizers, config.timed_modes(), device, timing,
+                                    progress=progress, on_row=keep)
         except KeyboardInterrupt:
             done = sum(1 for row in measured if row.s_per_iter)
             _say(f"interrupted; {done} measured rows" + (f" are in {config.json}" if config.json and measured

@@ -1,22 +1,16 @@
 """One optimisation run, assembled in one place, for every front end (render, batch, plan, bench).
 
-``resolve_runtime`` settles once what a run needs from the machine: device, precision, kernel
+``resolve_runtime`` settles once what runs need from the machine: device, precision, kernel
 backend, whether steps may be captured in a CUDA graph, and the network.  ``build_run`` assembles a
-run from it: targets (the objective, or the tiler for large images), start image(s), optimiser,
-fp16 loss scaler and the step.  A ``Run`` steps, optimises with progress, checkpoints and
-interruption, and is what the planner and ``fastnst bench`` time.
-
-An iteration is ``step(image) -> per-sample losses``: the objective's loss and gradient and the
-optimiser's in-place update, on the device with buffers of fixed shape and no host
-synchronisation; only the loop reads values back, every ``report_every`` iterations on CUDA (every
-iteration on the CPU, where reading is free).  On CUDA an untiled step is captured once in a CUDA
-graph (``GraphedStep``) after warm-up iterations that compile the Triton kernels and let cuDNN pick
-its algorithms; every iteration is then one replay.
+run from it: the objective (or the tiler for large images), start image(s), optimiser, fp16 loss
+scaler and the step ``step(image) -> per-sample losses``: loss, gradient and the optimiser's
+in-place update, on the device with buffers of fixed shape and no host synchronisation, so that on
+CUDA an untiled step is captured once in a CUDA graph (``GraphedStep``) and replayed.  A ``Run``
+optimises (loop.py) and is what the planner and ``fastnst bench`` time.
 
 The image is optimised unconstrained by L-BFGS: clamping it inside the loop would make the stored
-steps s differ from the steps the gradients y saw.  The content and style terms keep it near the
-valid range; the result is clipped to [0, 1] when it is read out.  Adam projects onto [0, 1] after
-every update (optim.py).
+steps s differ from the steps the gradients y saw; the result is clipped to [0, 1] when read out.
+Adam projects onto [0, 1] after every update (optim.py).
 """
 
 from __future__ import annotations

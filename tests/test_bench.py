@@ -94,7 +94,7 @@ def test_reference_step_lowers_the_loss():
 
 def test_sizes_that_cannot_fit_are_refused(monkeypatch):
     monkeypatch.setattr(bench, "free_bytes", lambda device: 10 * 2**20)
-    rows = bench.bench_rows([64], ["adam"], ["fast", "reference"], torch.device("cpu"), 1, 1, 0,
+    rows = bench.bench_rows([64], ["adam"], ["fast", "reference"], torch.device("cpu"), bench.Timing(1, 1, 0),
                             progress=lambda message: None)
     assert all(row.status.startswith("does not fit: needs about") and row.s_per_iter is None for row in rows)
     assert "does not fit" in bench.format_table(rows)
