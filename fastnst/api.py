@@ -8,6 +8,7 @@ is a loop over scales of a batch of one: each scale is one run built by ``run.bu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -24,7 +25,7 @@ from .errors import ConfigError, NonFiniteLossError, RunError
 from .files import check_writable
 from .images import image_to_tensor, load_image, resized, tensor_to_image
 from .loop import Hooks, RunResult
-from .measure import ALIGN, auto_tile, free_bytes, is_out_of_memory, peak_bytes, release, reset_peak
+from .measure import ALIGN, MemoryModel, auto_tile, free_bytes, is_out_of_memory, peak_bytes, release, reset_peak
 from .objective import check_fits, feature_layers
 from .run import Inputs, Runtime, build_run, calibrate, resolve_runtime
 
@@ -76,7 +77,8 @@ def render(content, styles, config: StyleConfig | None = None, *,
     config.validate(n_styles=len(styles))
     notify = notify or logging.getLogger("fastnst").warning
     device = shard.device if shard is not None else resolve_device(config.device)
-    tile_option = config.tile or ("auto" if shard is not None else None)  # tiles are what processes share
+    tiling = _Tiling(config.tile or ("auto" if shard is not None else None),  # tiles are what processes share
+                     config, device, notify)
     sources = _load(content, styles, config)
     log = _loss_log(config.log)
     runtime = resolve_runtime(config, device)
@@ -102,7 +104,7 @@ def render(content, styles, config: StyleConfig | None = None, *,
         scale = _Scale(_inputs(runtime, config, sources, content_image, style_images, previous),
                        content_image.size, config.iterations_at(index), hooks)
         try:
-            result, tile = _run_scale(runtime, config, scale, tile_option, notify, shard)
+            result, tile = _run_scale(runtime, config, scale, tiling, shard)
         except NonFiniteLossError as exc:
             if runtime.precision == "fp16":
                 exc.args = (f"{exc.args[0]}; with --precision fp16 the activations may have overflowed: "
@@ -118,10 +120,10 @@ def render(content, styles, config: StyleConfig | None = None, *,
         if result.interrupted:
             break
     final = dataclasses.replace(results[-1], image=color.finish(config.preserve_color, results[-1].image, original))
+    graphed = runtime.cuda_graph and all(tile is None for tile in tiles_used)
     return dataclasses.replace(_merge(results[:-1] + [final]), device=str(device), precision=runtime.precision,
-                               backend=runtime.backend, cuda_graph=runtime.cuda_graph and all(
-                                   t is None for t in tiles_used),
-                               tile=tiles_used[-1], peak_memory_bytes=peak_bytes(device))
+                               backend=runtime.backend, cuda_graph=graphed, tile=tiles_used[-1],
+                               peak_memory_bytes=peak_bytes(device))
 
 
 def _load(content, styles: list, config: StyleConfig) -> _Sources:
@@ -166,11 +168,49 @@ def _merge(results: list[RunResult]) -> RunResult:
                                skipped_steps=sum(r.skipped_steps for r in results))
 
 
-def _run_scale(runtime: Runtime, config: StyleConfig, scale: _Scale, tile_option: str | None, notify,
+@dataclass
+class _Tiling:
+    """How a render picks each scale's tile: --tile N, auto (the planner's choice), or untiled."""
+
+    option: str | None  # a tile size in px, "auto", or None
+    config: StyleConfig
+    device: torch.device
+    notify: Callable[[str], None]
+
+    @functools.cached_property
+    def model(self) -> MemoryModel:
+        """The planner's measured model, once per render: it does not depend on the image size."""
+        return calibrate(self.config, self.device)
+
+    def first(self, size: tuple[int, int]) -> int | None:
+        """The tile size a scale starts with (None: untiled)."""
+        if self.option is None:
+            return None
+        if self.option != "auto":
+            return int(self.option)
+        width, height = size
+        free = free_bytes(self.device)
+        if free is None:
+            self.notify("--tile auto: free memory unknown on this system; running untiled")
+            return None
+        tile = auto_tile(self.model, height, width, free)
+        self.notify(f"--tile auto at {width}x{height} px: " + ("untiled (the whole image fits)" if tile is None
+                                                              else f"{tile} px tiles"))
+        return tile
+
+    def after_out_of_memory(self, size: tuple[int, int]) -> int:
+        """The planner thought the whole image fits; it did not, so at least halve it."""
+        width, height = size
+        tile = auto_tile(self.model, height, width, free_bytes(self.device) or 0) or \
+            max(ALIGN, max(width, height) // 2 // ALIGN * ALIGN)
+        self.notify(f"out of memory untiled at {width}x{height} px; retrying once with --tile {tile}")
+        return tile
+
+
+def _run_scale(runtime: Runtime, config: StyleConfig, scale: _Scale, tiling: _Tiling,
                shard) -> tuple[RunResult, int | None]:
     """Optimise at one scale; an untiled run out of memory falls back to tiles once, saying so."""
-    width, height = scale.size
-    tile = _tile_for(config, tile_option, runtime.device, scale.size, notify)
+    tile = tiling.first(scale.size)
     while True:
         try:
             run = build_run(runtime, config, scale.inputs, tile=tile, shard=shard)
@@ -181,30 +221,10 @@ def _run_scale(runtime: Runtime, config: StyleConfig, scale: _Scale, tile_option
         run = None
         release(runtime.device)  # after the except block, so the failed attempt's tensors can be freed
         if tile is not None:
+            width, height = scale.size
             raise RunError(f"out of memory on {runtime.device} at {width}x{height} px with {tile} px tiles; use a "
                            f"smaller --tile, a lower --lbfgs-history, --optimizer adam, or a smaller --size")
-        # The planner thought the whole image fits; it did not, so at least halve it.
-        tile = auto_tile(calibrate(config, runtime.device), height, width, free_bytes(runtime.device) or 0) or \
-            max(ALIGN, max(width, height) // 2 // ALIGN * ALIGN)
-        notify(f"out of memory untiled at {width}x{height} px; retrying once with --tile {tile}")
-
-
-def _tile_for(config: StyleConfig, tile_option: str | None, device: torch.device, size: tuple[int, int],
-              notify) -> int | None:
-    """The tile size of this scale: --tile N, or what --tile auto's planner picks (None: untiled)."""
-    if tile_option is None:
-        return None
-    if tile_option != "auto":
-        return int(tile_option)
-    width, height = size
-    free = free_bytes(device)
-    if free is None:
-        notify("--tile auto: free memory unknown on this system; running untiled")
-        return None
-    tile = auto_tile(calibrate(config, device), height, width, free)
-    notify(f"--tile auto at {width}x{height} px: " + ("untiled (the whole image fits)" if tile is None
-                                                     else f"{tile} px tiles"))
-    return tile
+        tile = tiling.after_out_of_memory(scale.size)
 
 
 def _loss_log(path: str | None):

@@ -357,18 +357,17 @@ def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, noti
         config = members[0].config
         per_batch = (int(batch.batch_size) if batch.batch_size != "auto"
                      else auto_batch_size(config, device, size[0], size[1], len(members), models))
+        key = (config.weights, config.pooling, feature_layers(config), config.precision, config.backend,
+               config.cuda_graph)
+        bucket_hooks = dataclasses.replace(hooks, report_every=config.report_every)
         for start in range(0, len(members), per_batch):
             if should_stop() or (stop_after_batches is not None and batches_run >= stop_after_batches):
                 summary.interrupted = True
                 break
-            key = (config.weights, config.pooling, feature_layers(config), config.precision, config.backend,
-                   config.cuda_graph)
             if key not in runtimes:  # one network per weights and layers, built when first needed
                 runtimes[key] = resolve_runtime(config, device)
             summary.precision = runtimes[key].precision
-            _render_batch(members[start:start + per_batch], size, runtimes[key], ledger,
-                          dataclasses.replace(hooks, report_every=config.report_every,
-                                              label=f"batch at {size[0]}x{size[1]}"))
+            _render_batch(members[start:start + per_batch], size, runtimes[key], ledger, bucket_hooks)
             batches_run += 1
             if summary.interrupted:
                 break
@@ -417,7 +416,8 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, ledg
     began = time.perf_counter()
     try:
         run = build_run(runtime, config, Inputs(content=content, styles=styles, start=start))
-        result = run.optimise(config.iterations, dataclasses.replace(hooks, label=f"{hooks.label} ({len(ready)})"))
+        label = f"batch of {len(ready)} at {size[0]}x{size[1]}"
+        result = run.optimise(config.iterations, dataclasses.replace(hooks, label=label))
     except (FastNSTError, torch.cuda.OutOfMemoryError, RuntimeError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, torch.cuda.OutOfMemoryError):

@@ -22,10 +22,10 @@ CONV_FLOPS_PER_PIXEL = 722_304  # forward; backward to the input costs about the
 GRAM_FLOPS_PER_PIXEL = 34_816  # all five style Grams, full matrices
 STYLE_GRAD_FLOPS_PER_PIXEL = 34_816  # (G - A) F for the five style layers
 ACTIVATION_ELEMENTS_PER_PIXEL = 323  # kept for backward
-# Dense peak rates (TFLOP/s) by device name and precision: datasheets, via baselines.md.
 # Plan for at most this share of the free memory: allocator fragmentation, other users.
 SAFETY = 0.85
 ALIGN = 16  # tile interiors start on multiples of this: 2^4 poolings before conv5_1
+# Dense peak rates (TFLOP/s) by device name and precision: datasheets, via baselines.md.
 PEAK_TFLOPS = {"H100": {"bf16": 989, "fp16": 989, "fp32": 67}, "H200": {"bf16": 989, "fp16": 989, "fp32": 67},
                "A100": {"bf16": 312, "fp16": 312, "fp32": 19.5}}
 
@@ -104,7 +104,7 @@ class MemoryModel:
     The per-pixel memory splits into image-sized buffers (known exactly: image, gradient, the run
     loop's copies, optimiser state, content targets) and activations (the rest).  A tiled run
     holds the buffers for the whole image but activations only for one tile with its halo.  The
-    planner measures a model on the device (plan.calibrate); ``prior`` states one from the cost
+    planner measures a model on the device (run.calibrate); ``prior`` states one from the cost
     model alone, to refuse sizes that cannot fit before trying them.
     """
 

@@ -116,9 +116,8 @@ class StyleObjective:
     ``style_regions``: spatial control (one image).
     """
 
-    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: ObjectiveOptions, *,
-                 ops=None,
-                 autocast=contextlib.nullcontext, features: Features | None = None,
+    def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: ObjectiveOptions,
+                 *, ops=None, autocast=contextlib.nullcontext, features: Features | None = None,
                  regions: Sequence[torch.Tensor] | None = None,
                  style_regions: Sequence[torch.Tensor | None] | None = None):
         if not styles:

@@ -30,14 +30,15 @@ from .kernels.backend import resolve as resolve_backend
 from .loop import Hooks, RunResult, Step, optimise
 from .measure import MemoryModel, peak_bytes, reset_peak
 from .objective import StyleObjective, feature_layers
-from .tiling import TiledFeatures, Tiler, exact_halo
 from .optim import make_optimizer
 from .precision import LossScaler, autocast_for, resolve_precision
+from .tiling import TiledFeatures, Tiler, exact_halo
 from .vgg import VGGFeatures, layer_channels, layer_stride, load_weights
 
 # Noise initialisation: mid-grey plus Gaussian noise of this standard deviation, so that the
 # start is white noise (the paper's choice) yet stays inside the valid pixel range.
 NOISE_MEAN, NOISE_STD = 0.5, 0.1
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -80,8 +81,8 @@ def resolve_runtime(config: StyleConfig, device: torch.device | None = None, *, 
     settings = resolve_settings(config, device)
     state = load_weights(weights or config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
     network = VGGFeatures(feature_layers(config), state, pooling=config.pooling, channels_last=channels_last)
-    if settings.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # a run's shapes never change
+    if settings.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        torch.backends.cudnn.benchmark = True  # a run's shapes never change (autotuning is not deterministic)
     return Runtime(**vars(settings), network=network.to(settings.device))
 
 
@@ -280,12 +281,11 @@ def calibrate(config: StyleConfig, device: torch.device, sizes: tuple[int, int] 
     at two sizes, fitted as fixed + per_pixel * pixels.  256 vs 512 px: far enough apart that the
     memory difference stands clear of allocator noise (128 vs 256 px on the CPU gave slopes
     varying 2x between runs; 256 vs 512 px within 10%)."""
-    untiled = config.replace(tile=None, scales=None, start_size=None, scale_iterations=None)
-    runtime = resolve_runtime(untiled, device, weights="random")
+    runtime = resolve_runtime(config, device, weights="random")
     points = []
     for size in sizes:
         reset_peak(device)
-        run = build_run(runtime, untiled, synthetic_inputs(size, device))
+        run = build_run(runtime, config, synthetic_inputs(size, device))  # untiled: no tile given
         seconds, _ = time_run(run, iterations=2, repeats=1, warmup=1)
         points.append((size * size, float(peak_bytes(device) or 0), seconds))
         del run

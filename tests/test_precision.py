@@ -41,9 +41,13 @@ def test_fp16_with_loss_scaling_runs_without_nan(content_path, style_path, small
     result = render(content_path, style_path, small_config, precision="fp16")
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)
     assert result.loss < 0.5 * result.losses[0][1]
-    # The initial scale, 2^16, overflows fp16 here, so the scaler skips and lowers it (measured: one
-    # skipped step); every later step is taken.
-    assert 1 <= result.skipped_steps <= 5 and torch.isfinite(result.image).all()
+    # A skipped step leaves the image as it was, so the next loss read repeats the last one exactly; a
+    # step taken moves it.  The count reported must be those repeats (plus a skip at the very last
+    # iteration, which no later read can show).  How many steps overflow depends on the trajectory
+    # (measured here: one, where L-BFGS overshoots and the gradient needs a scale under 2^16).
+    losses = [loss for _, loss in result.losses]
+    repeats = sum(before == after for before, after in zip(losses, losses[1:]))
+    assert repeats <= result.skipped_steps <= repeats + 1 and torch.isfinite(result.image).all()
 
 
 @pytest.mark.parametrize("optimizer", [LBFGS, Adam])

@@ -130,3 +130,19 @@ def test_multi_scale_options_are_checked():
         StyleConfig(scales=(32, 64), scale_iterations=(1,)).validate()
     with pytest.raises(api.ConfigError, match="--tile must be auto or a multiple of 16"):
         StyleConfig(tile="40").validate()
+
+
+def test_tile_auto_measures_the_planner_once_per_render(content_path, style_path, small_config, monkeypatch):
+    """The planner's model does not depend on the image size: a multi-scale render measures it once."""
+    real, calls = api.calibrate, []
+
+    def counted(config, device):
+        calls.append(device)
+        return real(config, device, sizes=(32, 64))
+
+    monkeypatch.setattr(api, "calibrate", counted)
+    notes = []
+    result = render(content_path, style_path, small_config, tile="auto", scales=(32, 64), iterations=1,
+                    notify=notes.append)
+    assert result.iterations == 2 and len(calls) == 1
+    assert sum("--tile auto at" in note for note in notes) == 2

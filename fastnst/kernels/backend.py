@@ -84,6 +84,9 @@ def resolve(device: torch.device | str, backend: str | None = None) -> str:
     return "triton"
 
 
+OPS = ("gram", "style_losses", "style_loss", "content_losses", "content_loss")
+
+
 def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespace:
     """The kernels of the backend resolved for ``device``: gram, and style/content losses per sample
     (``style_losses``, ``content_losses``: (B,)) and summed over the batch (``style_loss``, ...)."""
@@ -98,9 +101,6 @@ def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespa
                                  content_losses=triton_content_loss.content_losses,
                                  content_loss=triton_content_loss.content_loss)
     return SimpleNamespace(name=name, **{op: getattr(chosen, op) for op in OPS})
-
-
-OPS = ("gram", "style_losses", "style_loss", "content_losses", "content_loss")
 
 
 @contextlib.contextmanager
