@@ -254,7 +254,12 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         source = "CUDA max allocated" if result.device.startswith("cuda") else "process peak resident set"
         tiles = f"{result.tile} px tiles" if result.tile else "untiled"
         processes = f", {shard.world} processes" if shard is not None else ""
-        _say(f"device {result.device}, precision {result.precision}, kernels {result.backend}, CUDA graph "
+        import torch
+
+        from .precision import precision_reason
+
+        why = precision_reason(config.precision, torch.device(result.device))
+        _say(f"device {result.device}, precision {result.precision} ({why}), kernels {result.backend}, CUDA graph "
              f"{'on' if result.cuda_graph else 'off'}, {tiles}{processes}, skipped fp16 steps "
              f"{result.skipped_steps}, peak memory {memory} ({source})")
     return 0
@@ -427,12 +432,21 @@ def _info(args: argparse.Namespace) -> int:
         "  torch (reference kernels): usable",
         f"  triton: {_triton_status(triton_version, device)}",
         f"  in force: {_backend_in_force(backend, device)}",
+        _precision_line(device),
         _lbfgs_cost_line(),
         f"imagenet weights: {imagenet_cache_path()} "
         f"({'cached' if imagenet_cache_path().is_file() else 'not cached; downloaded on first use'})",
     ]
     print("\n".join(lines))
     return 0
+
+
+def _precision_line(device) -> str:
+    from .precision import precision_reason
+    from .run import resolve_settings
+
+    chosen = resolve_settings(StyleConfig(precision="auto"), device).precision
+    return f"precision auto on {device.type}: {chosen} ({precision_reason('auto', device)})"
 
 
 def _lbfgs_cost_line() -> str:

@@ -194,7 +194,8 @@ class RuntimeOptions:
     """Where and how it runs: device, precision, kernels, CUDA graphs, tiling."""
 
     device: str = option("auto", "where to run: auto (CUDA if present), cpu, cuda or cuda:N", metavar="DEVICE")
-    precision: str = option("auto", "network precision: auto (bf16 on GPUs that have it, fp32 on CPU), "
+    precision: str = option("auto", "network precision: auto (bf16 where the hardware computes it natively: GPUs "
+                            "with bf16, CPUs with AMX or AVX-512 BF16; fp32 elsewhere), "
                             "fp32, bf16 or fp16 (with loss scaling); the image and optimiser stay fp32",
                             choices=PRECISIONS)
     backend: str | None = option(None, "kernel backend: auto (Triton on CUDA, PyTorch elsewhere), torch "

@@ -16,8 +16,9 @@ CURVATURE_EPS = 1e-10
 
 
 def lbfgs_state_bytes(history: int, pixels: int, channels: int = 3) -> int:
-    """fp32 bytes of L-BFGS state for an image: m (s, y) pairs plus the last step and gradient."""
-    return (2 * history + 2) * channels * pixels * 4
+    """fp32 bytes of L-BFGS state for an image: m (s, y) pairs, the last step and gradient, and two
+    image-sized work rows (the gradient and y beside the step, so one product reads the history)."""
+    return (2 * history + 4) * channels * pixels * 4
 
 
 def state_dtype(image: torch.Tensor) -> torch.dtype:
@@ -26,162 +27,147 @@ def state_dtype(image: torch.Tensor) -> torch.dtype:
 
 
 class LBFGS:
-    """L-BFGS for a batch of images (B, ...): every sample has its own history and step sizes.
+    """L-BFGS, fixed step (no line search), for a batch of images (B, ...), in compact form.
 
-    Samples never mix: sample b is stepped by its own ``_SampleLBFGS`` on a view of image[b], with
-    the same operations whether it is rendered alone or in a batch, so a batched render gives each
-    image exactly the result of rendering it alone (tests/test_batch.py).
+    Each sample is its own optimiser and matches ``torch.optim.LBFGS(lr, history_size=m,
+    line_search_fn=None)`` step for step: the first step is scaled by min(1, 1/|g|_1), later
+    steps use ``lr``; pairs with s.y <= 1e-10 are skipped; the initial inverse Hessian is
+    gamma = s.y / y.y of the newest accepted pair.  Where torch would stop because the direction
+    is not a descent direction, this restarts from steepest descent (history cleared), so a long
+    run never stalls.
+
+    The product H g comes from the compact representation of Byrd, Nocedal & Schnabel (1994),
+    not the two-loop recursion: with S, Y the pairs oldest first, R the upper triangle of S'Y,
+    D its diagonal,
+
+        H g = gamma g + S w - gamma Y u,   u = R^-1 S'g,   w = R^-T ((D + gamma Y'Y) u - gamma Y'g).
+
+    The history is one (B, 2m, N) tensor of ring slots, read in place by two batched products per
+    step (inner products with [g, s, y], then the combination), for the whole batch at once.  The
+    ring order lives only in the small m x m matrices S'Y and Y'Y (kept up to date one row and
+    column per accepted pair), gathered into age order on the device: no image-sized row is ever
+    gathered, nothing is read back to the host, and the launches do not depend on B.
     """
 
     def __init__(self, image: torch.Tensor, lr: float = 1.0, history: int = 20):
         if not image.is_contiguous():
-            raise ValueError("the image must be contiguous (L-BFGS steps flat views of its samples)")
-        self.history = int(history)
-        self.samples = [_SampleLBFGS(image[b].numel(), image.device, state_dtype(image), lr, history)
-                        for b in range(image.shape[0])]
+            raise ValueError("the image must be contiguous (L-BFGS steps a flat view of each sample)")
+        batch, n, m = image.shape[0], image[0].numel(), int(history)
+        device, dtype = image.device, state_dtype(image)
+        self.lr, self.history = float(lr), m
+        self.pairs = torch.zeros(batch, 2 * m, n, device=device, dtype=dtype)  # slots: m steps s, then m y
+        self.vectors = torch.zeros(batch, 3, n, device=device, dtype=dtype)  # g, last step s, y = g - g_prev
+        self.last_grad = torch.zeros(batch, n, device=device, dtype=dtype)
+        self.sy = torch.zeros(batch, m, m, device=device, dtype=dtype)  # s_i . y_j by slot
+        self.yy = torch.zeros(batch, m, m, device=device, dtype=dtype)  # y_i . y_j by slot
+        self.gamma = torch.ones(batch, device=device, dtype=dtype)  # initial inverse-Hessian scale
+        self.head = torch.zeros(batch, dtype=torch.long, device=device)  # slot of the next accepted pair
+        self.count = torch.zeros(batch, dtype=torch.long, device=device)  # pairs held (at most m)
+        self.started = torch.zeros(batch, dtype=torch.bool, device=device)
+        self._samples = torch.arange(batch, device=device)
+        self._ages = torch.arange(m, device=device)
+
+    @property
+    def last_step(self) -> torch.Tensor:
+        return self.vectors[:, 1]
 
     @property
     def state_bytes(self) -> int:
-        return sum(sample.state_bytes for sample in self.samples)
+        """Device memory held by the optimiser state (the image-sized part)."""
+        return sum(t.numel() * t.element_size() for t in (self.pairs, self.vectors, self.last_grad))
 
     def state_tensors(self) -> list[torch.Tensor]:
-        return [t for sample in self.samples for t in sample.state_tensors()]
+        return [self.pairs, self.last_step, self.last_grad, self.sy, self.yy, self.gamma, self.head,
+                self.count, self.started]
 
     def reset(self) -> None:
-        for sample in self.samples:
-            sample.reset()
+        """Back to the freshly built state (used after warm-up iterations)."""
+        for t in (self.pairs, self.vectors, self.last_grad, self.sy, self.yy, self.head, self.count):
+            t.zero_()
+        self.gamma.fill_(1.0)
+        self.started.fill_(False)
 
     @torch.no_grad()
     def update(self, image: torch.Tensor, grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
         """Step every sample of ``image`` in place.  ``ok`` (a device bool from fp16 loss scaling)
         False means the gradient overflowed: then nothing changes, neither images nor histories."""
-        for b, sample in enumerate(self.samples):
-            sample.update(image[b].view(-1), grad[b].reshape(-1), ok)
-
-
-class _SampleLBFGS:
-    """Limited-memory BFGS of one flat vector, fixed step (no line search), as torch.optim.LBFGS.
-
-    Matches ``torch.optim.LBFGS(lr, history_size=m, line_search_fn=None)`` step for step: the first
-    step is scaled by min(1, 1/|g|_1), later steps use ``lr``; pairs with s.y <= 1e-10 are skipped;
-    the initial inverse Hessian is gamma = s.y / y.y of the newest accepted pair.  The history is a
-    ring buffer of m (s, y) pairs in fp32.  Where torch would stop because the direction is not a
-    descent direction, this restarts from steepest descent instead (history cleared), so a long
-    run never stalls.
-    """
-
-    def __init__(self, n: int, device: torch.device, dtype: torch.dtype, lr: float = 1.0, history: int = 20):
-        self.lr, self.history = float(lr), int(history)
-        self.s = torch.zeros(history, n, device=device, dtype=dtype)  # steps x_{k+1} - x_k
-        self.y = torch.zeros(history, n, device=device, dtype=dtype)  # gradient changes g_{k+1} - g_k
-        self.rho = torch.zeros(history, device=device, dtype=dtype)  # 1 / (s.y); 0 marks an empty slot
-        self.last_step = torch.zeros(n, device=device, dtype=dtype)
-        self.last_grad = torch.zeros(n, device=device, dtype=dtype)
-        self.gamma = torch.ones((), device=device, dtype=dtype)  # initial inverse-Hessian scale
-        self.pairs = torch.zeros((), dtype=torch.long, device=device)  # accepted pairs so far
-        self.started = torch.zeros((), dtype=torch.bool, device=device)
-        self._offsets = torch.arange(history, device=device)
-        self._host_indexing = device.type == "cpu"  # see _newest_first
-
-    @property
-    def state_bytes(self) -> int:
-        """Device memory held by the optimiser state."""
-        return sum(t.numel() * t.element_size() for t in (self.s, self.y, self.last_step, self.last_grad))
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [self.s, self.y, self.rho, self.last_step, self.last_grad, self.gamma, self.pairs, self.started]
-
-    def reset(self) -> None:
-        """Back to the freshly built state (used after warm-up iterations)."""
-        for t in (self.s, self.y, self.rho, self.last_step, self.last_grad, self.pairs):
-            t.zero_()
-        self.gamma.fill_(1.0)
-        self.started.fill_(False)
-
-    def update(self, flat_image: torch.Tensor, flat_grad: torch.Tensor, ok: torch.Tensor | None = None) -> None:
-        """Step ``flat_image`` (a 1-D view) in place; see LBFGS.update for ``ok``."""
-        g = flat_grad.detach().to(self.last_grad.dtype)
-        self._remember(g, ok)
-        direction = self._two_loop(g)
-        bad = torch.dot(g, direction) >= 0  # not a descent direction (numerical breakdown): restart
+        flat = image.view(image.shape[0], -1)
+        g = self.vectors[:, 0]
+        g.copy_(grad.detach().reshape(flat.shape))
+        torch.sub(g, self.last_grad, out=self.vectors[:, 2])
+        products = self._remember(ok)
+        direction = self._direction(products)
+        bad = torch.linalg.vecdot(g, direction) >= 0  # not a descent direction (breakdown): restart
         if ok is not None:
             bad &= ok
-        direction = torch.where(bad, -g, direction)
-        self.rho.masked_fill_(bad, 0.0)
+        direction = torch.where(bad[:, None], -g, direction)
+        self.count.masked_fill_(bad, 0)
         self.gamma.masked_fill_(bad, 1.0)
         fresh = ~self.started | bad
-        first_step = torch.clamp(1.0 / g.abs().sum(), max=1.0) * self.lr
+        first_step = torch.clamp(1.0 / g.abs().sum(1), max=1.0) * self.lr
         step_size = torch.where(fresh, first_step, torch.full_like(first_step, self.lr))
+        step = direction * step_size[:, None]
         if ok is None:
-            torch.mul(direction, step_size, out=self.last_step)
-            flat_image.add_(self.last_step.to(flat_image.dtype))
+            self.last_step.copy_(step)
+            flat.add_(step.to(flat.dtype))
             self.last_grad.copy_(g)
             self.started.fill_(True)
         else:  # where(), not multiplication by ok: an overflowed step holds inf and NaN
-            step = direction * step_size
-            flat_image.add_(torch.where(ok, step, 0.0).to(flat_image.dtype))
+            flat.add_(torch.where(ok, step, 0.0).to(flat.dtype))
             self.last_step.copy_(torch.where(ok, step, self.last_step))
             self.last_grad.copy_(torch.where(ok, g, self.last_grad))
             self.started |= ok
 
-    def _remember(self, g: torch.Tensor, ok: torch.Tensor | None) -> None:
-        """Push the pair (s, y) of the last step into the ring, if its curvature is positive."""
-        y = g - self.last_grad
-        s_dot_y = torch.dot(self.last_step, y)
+    def _remember(self, ok: torch.Tensor | None) -> torch.Tensor:
+        """Store the pair (s, y) of the last step in the head slot where its curvature is positive,
+        and return the history's inner products with [g, s, y], (B, 2m, 3)."""
+        m, s, y = self.history, self.vectors[:, 1], self.vectors[:, 2]
+        s_dot_y = torch.linalg.vecdot(s, y)
         accept = self.started & (s_dot_y > CURVATURE_EPS)
         if ok is not None:
             accept &= ok
-        if self._host_indexing:
-            if bool(accept):
-                slot = int(self.pairs) % self.history
-                self.s[slot].copy_(self.last_step)
-                self.y[slot].copy_(y)
-                self.rho[slot] = 1.0 / s_dot_y
-                self.gamma.copy_(s_dot_y / torch.dot(y, y))
-                self.pairs.add_(1)
-            return
-        slot = (self.pairs % self.history).view(1)
-        self.s.index_copy_(0, slot, torch.where(accept, self.last_step, self.s.index_select(0, slot)[0]).view(1, -1))
-        self.y.index_copy_(0, slot, torch.where(accept, y, self.y.index_select(0, slot)[0]).view(1, -1))
-        self.rho.index_copy_(0, slot, torch.where(accept, 1.0 / s_dot_y, self.rho.index_select(0, slot)))
-        self.gamma.copy_(torch.where(accept, s_dot_y / torch.dot(y, y), self.gamma))
-        self.pairs.add_(accept.long())
+        samples = torch.cat([self._samples, self._samples])
+        slots = torch.cat([self.head, self.head + m])
+        kept = self.pairs[samples, slots]
+        self.pairs[samples, slots] = torch.where(torch.cat([accept, accept])[:, None], torch.cat([s, y]), kept)
+        products = torch.bmm(self.pairs, self.vectors.transpose(1, 2))
+        # The new pair's row and column of S'Y and Y'Y; its slot's old entries go with the old pair.
+        new = (self._ages == self.head[:, None]) & accept[:, None]  # (B, m): the head slot, if accepted
+        column, row, yy = products[:, :m, 2], products[:, m:, 1], products[:, m:, 2]
+        self.sy.copy_(torch.where(new[:, None, :], column[:, :, None], self.sy))
+        self.sy.copy_(torch.where(new[:, :, None], row[:, None, :], self.sy))
+        self.yy.copy_(torch.where(new[:, None, :], yy[:, :, None], self.yy))
+        self.yy.copy_(torch.where(new[:, :, None], yy[:, None, :], self.yy))
+        y_dot_y = yy.gather(1, self.head[:, None])[:, 0]
+        self.gamma.copy_(torch.where(accept, s_dot_y / y_dot_y, self.gamma))
+        self.head.copy_(torch.where(accept, (self.head + 1) % m, self.head))
+        self.count.copy_(torch.where(accept, torch.clamp(self.count + 1, max=m), self.count))
+        return products
 
-    def _newest_first(self) -> list:
-        """Ring slots from the newest pair to the oldest, as indices usable on this device.
-
-        On the CPU reading the pair count is free, so slots are plain ints: rows are views, and
-        empty slots are left out.  Elsewhere they are device tensors (no host sync, capturable),
-        rows are gathered with index_select, and all m slots are visited; an empty slot has
-        rho = 0 and changes nothing.  Both visit the filled slots in the same order with the same
-        arithmetic, so they give the same result.
-        """
-        if self._host_indexing:
-            head, filled = int(self.pairs), min(int(self.pairs), self.history)
-            return [(head - 1 - k) % self.history for k in range(filled)]
-        order = (self.pairs - 1 - self._offsets) % self.history
-        return [order[k : k + 1] for k in range(self.history)]
-
-    def _row(self, i):
-        if self._host_indexing:
-            return self.s[i], self.y[i], self.rho[i]
-        return self.s.index_select(0, i)[0], self.y.index_select(0, i)[0], self.rho.index_select(0, i)[0]
-
-    def _two_loop(self, g: torch.Tensor) -> torch.Tensor:
-        """-H g by the two-loop recursion over the ring, newest pair first."""
-        slots = self._newest_first()
-        q = g.neg()
-        alphas = []
-        for i in slots:
-            s, y, rho = self._row(i)
-            alphas.append(torch.dot(s, q) * rho)
-            q.addcmul_(y, alphas[-1], value=-1)
-        r = q.mul_(self.gamma)
-        for i, alpha in zip(reversed(slots), reversed(alphas)):
-            s, y, rho = self._row(i)
-            b = torch.dot(y, r) * rho
-            r.addcmul_(s, alpha - b)
-        return r
+    def _direction(self, products: torch.Tensor) -> torch.Tensor:
+        """-H g by the compact representation (class docstring); empty slots contribute nothing."""
+        m, gamma = self.history, self.gamma[:, None, None]
+        # Slots oldest first: the head slot is the oldest of a full ring; the last `count` are held.
+        order = (self.head[:, None] + self._ages) % m
+        held = self._ages >= (m - self.count)[:, None]
+        both = held[:, :, None] & held[:, None, :]
+        rows, columns = order[:, :, None].expand(-1, m, m), order[:, None, :].expand(-1, m, m)
+        sy = self.sy.gather(1, rows).gather(2, columns)
+        yy = torch.where(both, self.yy.gather(1, rows).gather(2, columns), 0.0)
+        # Empty slots get an identity row and column in R, so u and w are 0 there.
+        r = torch.where(both, sy, 0.0).triu() + torch.diag_embed((~held).to(sy.dtype))
+        d = torch.where(held, sy.diagonal(dim1=1, dim2=2), 0.0)
+        s_g = torch.where(held, products[:, :m, 0].gather(1, order), 0.0)[:, :, None]
+        y_g = torch.where(held, products[:, m:, 0].gather(1, order), 0.0)[:, :, None]
+        u = torch.linalg.solve_triangular(r, s_g, upper=True)
+        # (yy * u').sum rather than yy @ u: a batched CPU matmul of these small shapes rounds a
+        # sample differently with the batch size, and a sample must not depend on its batch.
+        yy_u = (yy * u.mT).sum(2, keepdim=True)
+        w = torch.linalg.solve_triangular(r.mT, d[:, :, None] * u + gamma * (yy_u - y_g), upper=False)
+        # Back to slot order: -H g = -gamma g - S w + gamma Y u, one product over the history.
+        weights = torch.cat([torch.zeros_like(w[:, :, 0]).scatter(1, order, w[:, :, 0]),
+                             torch.zeros_like(u[:, :, 0]).scatter(1, order, -gamma[:, :, 0] * u[:, :, 0])], 1)
+        return -self.gamma[:, None] * self.vectors[:, 0] - torch.bmm(weights[:, None, :], self.pairs)[:, 0]
 
 
 class Adam:

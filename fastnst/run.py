@@ -271,7 +271,7 @@ def buffer_bytes_per_pixel(config: StyleConfig) -> float:
     """Image-sized fp32 buffers of a run per output pixel: image, gradient, the loop's two copies
     (last finite image, candidate), optimiser state, and the content targets."""
     image = 3 * 4
-    optimizer = (2 * config.lbfgs_history + 2) * image if config.optimizer == "lbfgs" else 2 * image
+    optimizer = (2 * config.lbfgs_history + 4) * image if config.optimizer == "lbfgs" else 2 * image
     targets = sum(4 * layer_channels(name) / layer_stride(name) ** 2 for name in config.content_layers)
     return 4 * image + optimizer + targets
 

@@ -13,6 +13,7 @@ from fastnst import StyleConfig, bench, bench_report
 from fastnst import reference_gatys as textbook
 from fastnst.cli import main
 from fastnst.objective import StyleObjective, feature_layers
+from fastnst.precision import native_bf16
 from fastnst.run import initial_image
 from fastnst.vgg import VGGFeatures, random_state_dict
 
@@ -48,7 +49,9 @@ def test_bench_json_has_every_field(bench_json):
         assert row["model_tflops"] == pytest.approx(bench.model_flops(row["size"], row["size"]) /
                                                     row["s_per_iter"] / 1e12)
         assert row["peak_memory_bytes"] > 0 and row["speedup_vs_reference"] > 0
-        assert row["precision"] == "fp32" and row["cuda_graph"] is False and row["backend"] == "torch"
+        fast_precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"  # auto on this CPU
+        assert row["precision"] == ("fp32" if row["mode"] == "reference" else fast_precision)
+        assert row["cuda_graph"] is False and row["backend"] == "torch"
     assert bench_json["published"] and bench_json["max_size"] is None
     assert bench_json["cost_model"]["flops_per_pixel"] == 2 * 722_304 + 2 * 34_816
 

@@ -60,14 +60,28 @@ def test_lbfgs_matches_torch_on_a_convex_quadratic(history):
     assert (ours - solution).norm() < (x0 - solution).norm()
 
 
-def test_lbfgs_matches_torch_on_a_convex_quadratic_in_fp32():
-    loss_fn64, _ = _quadratic(n=30, seed=2)
+@pytest.mark.parametrize("seed", [2, 3, 6])
+def test_lbfgs_in_fp32_is_as_accurate_as_torchs(seed):
+    """fp32 iterates on a badly conditioned quadratic (condition 1e4), 20 steps, history 5.
+
+    Ours forms H g in compact form, torch by the two-loop recursion: the same update in exact
+    arithmetic, rounded differently, and 20 steps amplify fp32 rounding to ~1e-5 relative (torch's
+    own fp32 trajectory is up to 1.9e-5 off the float64 one on these seeds).  So: ours is no
+    further from the float64 trajectory than 2x torch's fp32 error (or 5e-6, the rounding floor
+    seen on seeds where torch is lucky), and the two fp32 runs agree to 1e-4."""
+    loss_fn64, _ = _quadratic(n=30, seed=seed)
     loss_fn = lambda x: loss_fn64(x.double()).float()  # noqa: E731 - fp32 iterates, fp64 function
     x0 = torch.zeros(30)
+    exact, _ = _torch_lbfgs_trajectory(loss_fn64, x0.double(), 20, 1.0, 5)
     theirs, their_losses = _torch_lbfgs_trajectory(loss_fn, x0, 20, 1.0, 5)
     ours, our_losses = _our_trajectory(loss_fn, x0, 20, 1.0, 5)
-    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+    def error(x):
+        return ((x.double() - exact).abs().max() / exact.abs().max()).item()
+
+    assert error(ours) <= max(2 * error(theirs), 5e-6)
+    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(their_losses), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
 
 
 def test_lbfgs_matches_torch_on_the_style_objective():
@@ -113,7 +127,7 @@ def test_lbfgs_matches_torch_on_the_style_objective():
 
 def test_lbfgs_state_is_sized_by_history():
     x = torch.zeros(1, 3, 8, 8)
-    assert LBFGS(x, history=7).state_bytes == (2 * 7 + 2) * x.numel() * 4 == lbfgs_state_bytes(7, 64)
+    assert LBFGS(x, history=7).state_bytes == (2 * 7 + 4) * x.numel() * 4 == lbfgs_state_bytes(7, 64)
 
 
 def test_adam_matches_torch_adam_without_bounds():
@@ -136,3 +150,40 @@ def test_adam_projects_onto_the_pixel_range():
     step = make_step(Autograd(lambda img: -img.sum() * 100), Adam(x, lr=0.5))
     step(x)
     assert x.max().item() == 1.0 and x.min().item() >= 0.0
+
+
+def test_a_batch_of_lbfgs_samples_equals_separate_runs():
+    """Four samples, each its own problem: two convex with different curvatures, one concave
+    (every curvature pair is rejected, so it keeps taking first steps) and one convex whose
+    gradient changes sign of curvature half-way.  Stepped as one batch, each sample follows
+    exactly (bit for bit, one thread) the trajectory it follows alone, with its own history."""
+    g = torch.Generator().manual_seed(3)
+    shape = (4, 3, 10, 12)
+    curvature = torch.rand(shape, generator=g) + 0.2
+    curvature[2] = -0.5  # concave: s.y < 0
+    start = torch.rand(shape, generator=g)
+
+    def gradient(x, k, samples):
+        c = curvature[samples]
+        flip = torch.where(torch.arange(4)[samples].view(-1, 1, 1, 1) == 3, (-1.0) ** (k // 6), 1.0)
+        return c * flip * (x - 0.3) + 0.05 * torch.sin(7 * x)
+
+    def run(samples):
+        x = start[samples].clone()
+        opt = LBFGS(x, history=3)
+        trajectory = []
+        for k in range(14):
+            opt.update(x, gradient(x, k, samples))
+            trajectory.append(x.clone())
+        return trajectory, opt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        together, opt = run(slice(0, 4))
+        for b in range(4):
+            alone, _ = run(slice(b, b + 1))
+            assert all(torch.equal(a[0], t[b]) for a, t in zip(alone, together)), b
+    finally:
+        torch.set_num_threads(threads)
+    assert opt.count[2] == 0 and opt.count[0] == 3  # the concave sample kept no pair, the others did

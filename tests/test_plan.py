@@ -42,7 +42,7 @@ def test_auto_tile_picks_the_largest_tile_that_fits():
 def test_buffers_follow_the_optimiser():
     lbfgs = buffer_bytes_per_pixel(StyleConfig(lbfgs_history=10))
     adam = buffer_bytes_per_pixel(StyleConfig(optimizer="adam"))
-    assert lbfgs - adam == (2 * 10 + 2 - 2) * 12
+    assert lbfgs - adam == (2 * 10 + 4 - 2) * 12
 
 
 def test_plan_command(capsys):

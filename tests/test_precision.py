@@ -10,17 +10,27 @@ from fastnst import StyleConfig, render
 from fastnst.errors import ConfigError
 from fastnst.objective import Autograd, StyleObjective, feature_layers
 from fastnst.optim import LBFGS, Adam
-from fastnst.precision import LossScaler, autocast_for, resolve_precision
+from fastnst.precision import LossScaler, autocast_for, precision_reason, resolve_precision
 from fastnst.run import initial_image, make_step
 from fastnst.vgg import VGGFeatures, random_state_dict
 
 
-def test_precision_resolution():
+def test_precision_resolution(monkeypatch):
     cpu = torch.device("cpu")
-    assert resolve_precision("auto", cpu) == "fp32"
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp16", cpu) == "fp16"
+    assert resolve_precision("fp32", cpu) == "fp32" and precision_reason("fp32", cpu) == "asked for"
     with pytest.raises(ConfigError, match="--precision must be one of"):
         resolve_precision("fp8", cpu)
+    # auto follows the processor: bf16 with AMX or AVX-512 BF16, fp32 without either.
+    for amx, avx512_bf16, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert resolve_precision("auto", cpu) == expected
+        reason = precision_reason("auto", cpu)
+        assert ("AMX instructions" in reason) == amx and ("AVX-512 BF16 instructions" in reason) == avx512_bf16
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert resolve_precision("auto", cpu) == "fp32"  # a torch without the probes: the safe choice
 
 
 def test_bf16_autocast_tracks_fp32(content_path, style_path, small_config):
