@@ -3,8 +3,9 @@
 Three modes in one run, on one device: the fast path (bf16, CUDA graph, Triton), plain (fp32,
 eager, the PyTorch twins) and the textbook reference, timed by ``fastnst bench`` (warm-up, then
 the median of repeats on CUDA events), which rewrites its JSON after every row: a run stopped by
-the stage's time limit keeps every row it finished.  The JSON is a ``fastnst bench`` result, so
-``fastnst bench --report`` builds the README table from it.
+the stage's time limit keeps every row it finished.  Then the fast path with Adam at the same
+sizes, into timing-adam.json beside it, for the L-BFGS share of a step (L-BFGS step minus Adam
+step).  Both are ``fastnst bench`` results, so ``fastnst bench --report`` builds the README table.
 
     PYTHONPATH=. python3 benchmarks/check_timing.py [--json PATH] [--dry-run]
 """
@@ -18,10 +19,23 @@ from stage_util import figures, run_stage, stage_parser
 MODES = ("fast", "plain", "reference")
 
 
-def summary(path) -> str:
+def _rows(path) -> list[dict]:
     try:
-        rows = json.loads(path.read_text())["results"]
+        return json.loads(path.read_text())["results"]
     except (OSError, ValueError, KeyError):
+        return []
+
+
+def lbfgs_shares(lbfgs_rows: list[dict], adam_rows: list[dict]) -> str:
+    adam = {row["size"]: row["s_per_iter"] for row in adam_rows if row["mode"] == "fast" and row["s_per_iter"]}
+    shares = [f"{row['size']} px {(row['s_per_iter'] - adam[row['size']]) / row['s_per_iter']:+.1%}"
+              for row in lbfgs_rows if row["mode"] == "fast" and row["s_per_iter"] and row["size"] in adam]
+    return "; L-BFGS share of the fast step: " + ", ".join(shares) if shares else ""
+
+
+def summary(path) -> str:
+    rows = _rows(path)
+    if not rows:
         return "no rows measured"
     by_size: dict[int, list[str]] = {}
     for row in rows:
@@ -38,15 +52,17 @@ def main() -> int:
     args = parser.parse_args()
     if args.json is None:
         parser.error("--json is needed: the summary is read from it")
-    command = ["bench", "--optimizers", "lbfgs", "--modes", *MODES, "--json", str(args.json)]
     if args.dry_run:
-        command += ["--device", "cpu", "--sizes", "32", "48", "--iterations", "2", "--repeats", "1", "--warmup", "1"]
+        common = ["--device", "cpu", "--sizes", "32", "48", "--iterations", "2", "--repeats", "1", "--warmup", "1"]
     else:
-        command += ["--device", "cuda", "--sizes", *args.sizes, "--iterations", "10", "--repeats", "3",
-                    "--warmup", "2"]
-    code = fastnst_main(command)
+        common = ["--device", "cuda", "--sizes", *args.sizes, "--iterations", "10", "--repeats", "3", "--warmup", "2"]
+    adam_json = args.json.with_name("timing-adam.json")
+    code = fastnst_main(["bench", "--optimizers", "lbfgs", "--modes", *MODES, "--json", str(args.json), *common])
     figures(summary(args.json) + (f" (bench exit {code})" if code else ""))
-    return code
+    adam_code = fastnst_main(["bench", "--optimizers", "adam", "--modes", "fast", "--json", str(adam_json), *common])
+    figures(summary(args.json) + lbfgs_shares(_rows(args.json), _rows(adam_json))
+            + (f" (bench exit {code}, {adam_code})" if code or adam_code else ""))
+    return code or adam_code
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@
 #                      no host sync inside replays
 #   3 tests      90 s  the GPU-marked, kernel and launch-grid tests (pytest-xdist, per-test limit)
 #   4 timing     70 s  s/iter with L-BFGS at 512/1024/2048 px: fast path, plain (fp32, eager, PyTorch
-#                      kernels) and the textbook reference, each row saved as it is measured
+#                      kernels) and the textbook reference, each row saved as it is measured; then
+#                      the fast path with Adam, for the L-BFGS share of a step
 #   5 profile    30 s  the 15 CUDA kernels with the most time over three bf16 steps at 1024 px
 #
 # Limits add up to 360 s, 420 s at most with each stage's 10 s of grace after SIGINT: a 450 s call
-# leaves room to run it twice in one 15-minute lease.  DIR receives six files: summary.txt (a RESULT
-# line per stage, appended as it ends), kernels.json, graph.json, timing.json (a `fastnst bench`
-# result), profile.json, and logs.tgz (every stage's full log and the tests' JUnit report).
+# leaves room to run it twice in one 15-minute lease.  DIR receives seven files: summary.txt (a RESULT
+# line per stage, appended as it ends), kernels.json, graph.json, timing.json and timing-adam.json
+# (`fastnst bench` results), profile.json, and logs.tgz (every stage's full log and the tests' JUnit report).
 # The costlier checks (max size, 8192 px tiled, batch, fp16 at 2048 px) are in gpu_check_more.sh.
 set -uo pipefail
 . "$(dirname "$0")/stages.sh"

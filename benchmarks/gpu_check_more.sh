@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The costlier GPU checks, for when a lease has time left after gpu_check.sh (same rules: stages
-# under time limits, a RESULT line each, logs.tgz, at most 6 files, no image written).
+# under time limits, a RESULT line each, logs.tgz, at most 7 files, no image written).
 #
 #   FASTNST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check_more.sh DIR
 #   bash benchmarks/gpu_check_more.sh --dry-run DIR    # the same stages on the CPU, tiny
@@ -13,9 +13,10 @@
 #                         with real two-step runs; CUDA only)
 #   3 large         90 s  2048 px fp16 L-BFGS (loss scaling, skipped steps); 8192 px Adam, --tile auto
 #   4 batch         60 s  16 jobs at 512 px: batches of 8 against a loop of single renders
+#   5 launches      40 s  CUDA kernels per eager step, batch of 1 against batch of 8 at 256 px
 #
-# Limits add up to 340 s (390 s with the grace after SIGINT).  DIR receives summary.txt,
-# kernel-bench.json, maxsize.json, large.json, batch.json and logs.tgz.
+# Limits add up to 380 s (440 s with the grace after SIGINT).  DIR receives summary.txt,
+# kernel-bench.json, maxsize.json, large.json, batch.json, launches.json and logs.tgz.
 set -uo pipefail
 . "$(dirname "$0")/stages.sh"
 stages_begin "$@"
@@ -28,6 +29,8 @@ if [ "$dry_run" = 1 ]; then  # the CUDA-only stages check their command lines an
     stage 3 large 90 "$PY" benchmarks/check_large.py --dry-run --json "$out/large.json"
     stage 4 batch 60 "$PY" benchmarks/bench_batch.py --device cpu --size 32 --jobs 2 --batch-size 2 \
         --iterations 2 --json "$out/batch.json"
+    stage 5 launches 40 "$PY" benchmarks/count_launches.py --device cpu --size 32 --batches 1 2 \
+        --optimizers lbfgs --json "$out/launches.json"
 else
     stage 1 kernel-bench 70 "$PY" benchmarks/bench_kernels.py --sizes 512 1024 2048 --dtypes bf16 fp32 \
         --json "$out/kernel-bench.json"
@@ -35,6 +38,8 @@ else
     stage 3 large 90 "$PY" benchmarks/check_large.py --json "$out/large.json"
     stage 4 batch 60 "$PY" benchmarks/bench_batch.py --device cuda --size 512 --jobs 16 --batch-size 8 \
         --iterations 20 --json "$out/batch.json"
+    stage 5 launches 40 "$PY" benchmarks/count_launches.py --device cuda --size 256 --batches 1 8 \
+        --json "$out/launches.json"
 fi
 
 stages_end

@@ -233,6 +233,25 @@ def headline(rows: list[BenchRow]) -> dict | None:
             "s_per_iter": chosen.s_per_iter}
 
 
+def lbfgs_costs(rows: list[BenchRow]) -> list[dict]:
+    """What L-BFGS costs per step beyond Adam, for every (size, mode) timed with both: the step
+    with L-BFGS minus the step with Adam (history update and two-loop product against Adam's
+    moments), in seconds and as a share of the L-BFGS step."""
+    timed = {(r.size, r.mode, r.optimizer): r.s_per_iter for r in rows if r.s_per_iter}
+    costs = []
+    for (size, mode, optimizer), lbfgs in timed.items():
+        adam = timed.get((size, mode, "adam"))
+        if optimizer == "lbfgs" and adam is not None:
+            costs.append({"size": size, "mode": mode, "lbfgs_s_per_iter": lbfgs, "adam_s_per_iter": adam,
+                          "lbfgs_extra_s": lbfgs - adam, "share": (lbfgs - adam) / lbfgs})
+    return costs
+
+
+def format_lbfgs_costs(costs: list[dict]) -> str:
+    return "\n".join(f"L-BFGS beyond Adam, {c['size']} px {c['mode']}: {c['lbfgs_extra_s'] * 1e3:+.2f} ms/iter "
+                     f"({c['share']:+.1%} of the L-BFGS step)" for c in costs)
+
+
 def format_table(rows: list[BenchRow]) -> str:
     lines = [f"{'size':>5} {'opt':5} {'mode':9} {'s/iter':>9} {'spread':>19} {'vs ref':>7} {'TFLOP/s':>8} "
              f"{'peak MiB':>9}  published"]
@@ -306,6 +325,7 @@ def as_json(rows: list[BenchRow], bench_config, max_sizes: dict | None) -> dict:
 
     return {"kind": "fastnst bench", "meta": run_metadata(), "config": dataclasses.asdict(bench_config),
             "headline": headline(rows), "results": [dataclasses.asdict(r) for r in rows],
+            "lbfgs_cost": lbfgs_costs(rows),
             "max_size": max_sizes, "published": list(PUBLISHED),
             "cost_model": {"flops_per_pixel": model_flops(1, 1),
                            "source": "../shared/reference/baselines.md"}}

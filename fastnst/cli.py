@@ -390,6 +390,8 @@ def _bench(args: argparse.Namespace) -> int:
               f"({result['meta']['device']}, fast path, {head['optimizer']}, {head['size']} px)")
     if rows:
         print(bench.format_table(rows))
+        if result["lbfgs_cost"]:
+            print(bench.format_lbfgs_costs(result["lbfgs_cost"]))
     if max_sizes:
         print("largest square image that fits: " + ", ".join(f"{mode} {size} px" for mode, size in max_sizes.items()))
     save(rows, max_sizes)

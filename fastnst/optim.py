@@ -93,7 +93,7 @@ class LBFGS:
         False means the gradient overflowed: then nothing changes, neither images nor histories."""
         flat = image.view(image.shape[0], -1)
         g = self.vectors[:, 0]
-        g.copy_(grad.detach().reshape(flat.shape))
+        g.view(image.shape).copy_(grad.detach())  # one pass, whatever the gradient's layout
         torch.sub(g, self.last_grad, out=self.vectors[:, 2])
         products = self._remember(ok)
         direction = self._direction(products)

@@ -53,6 +53,12 @@ def test_bench_json_has_every_field(bench_json):
         assert row["precision"] == ("fp32" if row["mode"] == "reference" else fast_precision)
         assert row["cuda_graph"] is False and row["backend"] == "torch"
     assert bench_json["published"] and bench_json["max_size"] is None
+    by_row = {(r["size"], r["optimizer"], r["mode"]): r["s_per_iter"] for r in rows}
+    costs = bench_json["lbfgs_cost"]  # one per (size, mode) timed with both optimisers
+    assert {(c["size"], c["mode"]) for c in costs} == {(s, m) for s in (64, 96) for m in ("fast", "reference")}
+    for c in costs:
+        lbfgs, adam = by_row[(c["size"], "lbfgs", c["mode"])], by_row[(c["size"], "adam", c["mode"])]
+        assert c["lbfgs_extra_s"] == pytest.approx(lbfgs - adam) and c["share"] == pytest.approx((lbfgs - adam) / lbfgs)
     assert bench_json["cost_model"]["flops_per_pixel"] == 2 * 722_304 + 2 * 34_816
 
 

@@ -23,13 +23,14 @@ def _run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_dry_run_leaves_six_files_and_a_result_per_stage(tmp_path):
+def test_dry_run_leaves_seven_files_and_a_result_per_stage(tmp_path):
     out = tmp_path / "first contact"  # a space in the path must not matter
     proc = _run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = [path for path in out.rglob("*") if path.is_file()]
     names = sorted(path.name for path in files)
-    assert names == ["graph.json", "kernels.json", "logs.tgz", "profile.json", "summary.txt", "timing.json"]
+    assert names == ["graph.json", "kernels.json", "logs.tgz", "profile.json", "summary.txt", "timing-adam.json",
+                     "timing.json"]
     assert all(RETURNED_NAME.match(name) and path.parent == out for name, path in zip(names, sorted(files)))
 
     results = [RESULT.match(line) for line in (out / "summary.txt").read_text().splitlines()]
@@ -47,6 +48,9 @@ def test_dry_run_leaves_six_files_and_a_result_per_stage(tmp_path):
     timing = json.loads((out / "timing.json").read_text())
     assert timing["kind"] == "fastnst bench"  # what `fastnst bench --report` reads
     assert [row["mode"] for row in timing["results"]] == ["fast", "plain", "reference"] * 2
+    adam = json.loads((out / "timing-adam.json").read_text())
+    assert [(row["optimizer"], row["mode"]) for row in adam["results"]] == [("adam", "fast")] * 2
+    assert "L-BFGS share of the fast step: 32 px" in results[4].group(4)
     assert json.loads((out / "profile.json").read_text())["results"]
     with tarfile.open(out / "logs.tgz") as archive:
         logged = set(archive.getnames())
@@ -97,8 +101,9 @@ def test_more_checks_dry_run_stays_within_what_comes_back(tmp_path):
     proc = _run(["bash", "benchmarks/gpu_check_more.sh", "--dry-run", str(out)], timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = [path for path in out.rglob("*") if path.is_file()]
-    assert len(files) <= 6 and all(RETURNED_NAME.match(p.name) and p.parent == out for p in files)
+    assert len(files) <= 7 and all(RETURNED_NAME.match(p.name) and p.parent == out for p in files)
     results = [RESULT.match(line) for line in (out / "summary.txt").read_text().splitlines()]
     assert [(m.group(1), m.group(2), m.group(3)) for m in results] == [
         ("0", "ok", "env"), ("1", "ok", "kernel-bench"), ("2", "ok", "max-size"), ("3", "ok", "large"),
-        ("4", "ok", "batch")]
+        ("4", "ok", "batch"), ("5", "ok", "launches")]
+    assert "lbfgs at 32 px on cpu: batch 1:" in results[5].group(4)
