@@ -4,15 +4,20 @@ Three modes in one run, on one device: the fast path (bf16, CUDA graph, Triton),
 eager, the PyTorch twins) and the textbook reference, timed by ``fastnst bench`` (warm-up, then
 the median of repeats on CUDA events), which rewrites its JSON after every row: a run stopped by
 the stage's time limit keeps every row it finished.  Then the fast path with Adam at the same
-sizes, into timing-adam.json beside it, for the L-BFGS share of a step (L-BFGS step minus Adam
-step).  Both are ``fastnst bench`` results, so ``fastnst bench --report`` builds the README table.
+sizes, whose rows are merged into the same file with the L-BFGS share of a step (L-BFGS step
+minus Adam step, ``lbfgs_cost``).  The JSON is a ``fastnst bench`` result, so ``fastnst bench
+--report`` builds the README table from it.
 
     PYTHONPATH=. python3 benchmarks/check_timing.py [--json PATH] [--dry-run]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import tempfile
+from pathlib import Path
 
 from stage_util import figures, run_stage, stage_parser
 
@@ -40,8 +45,23 @@ def summary(path) -> str:
     by_size: dict[int, list[str]] = {}
     for row in rows:
         value = f"{row['s_per_iter']:.4f}" if row["s_per_iter"] else row["status"]
-        by_size.setdefault(row["size"], []).append(f"{row['mode']} {value}")
+        label = row["mode"] if row["optimizer"] == "lbfgs" else f"{row['optimizer']} {row['mode']}"
+        by_size.setdefault(row["size"], []).append(f"{label} {value}")
     return "; ".join(f"{size} px: " + ", ".join(parts) for size, parts in by_size.items()) + " s/iter"
+
+
+def merge_adam_rows(path: Path, adam_path: Path) -> None:
+    """Append the Adam rows to the L-BFGS result and recompute what L-BFGS costs beyond Adam."""
+    from fastnst.bench import BenchRow, lbfgs_costs
+
+    document = json.loads(path.read_text())
+    document["results"] += _rows(adam_path)
+    fields = {f.name for f in dataclasses.fields(BenchRow)}
+    rows = [BenchRow(**{k: v for k, v in row.items() if k in fields}) for row in document["results"]]
+    document["lbfgs_cost"] = lbfgs_costs(rows)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(document, indent=1) + "\n")
+    os.replace(temporary, path)
 
 
 def main() -> int:
@@ -56,11 +76,15 @@ def main() -> int:
         common = ["--device", "cpu", "--sizes", "32", "48", "--iterations", "2", "--repeats", "1", "--warmup", "1"]
     else:
         common = ["--device", "cuda", "--sizes", *args.sizes, "--iterations", "10", "--repeats", "3", "--warmup", "2"]
-    adam_json = args.json.with_name("timing-adam.json")
     code = fastnst_main(["bench", "--optimizers", "lbfgs", "--modes", *MODES, "--json", str(args.json), *common])
     figures(summary(args.json) + (f" (bench exit {code})" if code else ""))
+    # The Adam rows go to a scratch folder first (the returned folder holds only what comes back).
+    adam_json = Path(tempfile.mkdtemp()) / "adam.json"
     adam_code = fastnst_main(["bench", "--optimizers", "adam", "--modes", "fast", "--json", str(adam_json), *common])
-    figures(summary(args.json) + lbfgs_shares(_rows(args.json), _rows(adam_json))
+    lbfgs_rows = _rows(args.json)
+    if lbfgs_rows and _rows(adam_json):
+        merge_adam_rows(args.json, adam_json)
+    figures(summary(args.json) + lbfgs_shares(lbfgs_rows, _rows(adam_json))
             + (f" (bench exit {code}, {adam_code})" if code or adam_code else ""))
     return code or adam_code
 

@@ -19,9 +19,9 @@
 #   5 profile    30 s  the 15 CUDA kernels with the most time over three bf16 steps at 1024 px
 #
 # Limits add up to 360 s, 420 s at most with each stage's 10 s of grace after SIGINT: a 450 s call
-# leaves room to run it twice in one 15-minute lease.  DIR receives seven files: summary.txt (a RESULT
-# line per stage, appended as it ends), kernels.json, graph.json, timing.json and timing-adam.json
-# (`fastnst bench` results), profile.json, and logs.tgz (every stage's full log and the tests' JUnit report).
+# leaves room to run it twice in one 15-minute lease.  DIR receives six files: summary.txt (a RESULT
+# line per stage, appended as it ends), kernels.json, graph.json, timing.json (a `fastnst bench`
+# result, with the L-BFGS share), profile.json, and logs.tgz (every stage's full log and the tests' JUnit report).
 # The costlier checks (max size, 8192 px tiled, batch, fp16 at 2048 px) are in gpu_check_more.sh.
 set -uo pipefail
 . "$(dirname "$0")/stages.sh"

@@ -387,7 +387,8 @@ class BenchConfig:
     ablate: bool = option(False, "also time the fast path with each speed feature switched off in turn "
                           "(fp32 instead of bf16, eager instead of CUDA graph, torch kernels instead of "
                           "Triton)")
-    reference: bool = option(True, "time the textbook reference (fastnst/reference_gatys.py)")
+    reference: bool = option(True, "time the textbook reference (fastnst/reference_gatys.py); "
+                             "--no-reference skips it")
     modes: tuple[str, ...] | None = option(
         None, "exactly these modes, in this order, instead of fast [+ --ablate] [+ reference]: fast; fp32, "
         "eager, torch (the fast path with one speed feature off); plain (all three off: fp32, eager, PyTorch "

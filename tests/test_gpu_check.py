@@ -23,14 +23,13 @@ def _run(command: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
-def test_dry_run_leaves_seven_files_and_a_result_per_stage(tmp_path):
+def test_dry_run_leaves_six_files_and_a_result_per_stage(tmp_path):
     out = tmp_path / "first contact"  # a space in the path must not matter
     proc = _run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(out)], timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = [path for path in out.rglob("*") if path.is_file()]
     names = sorted(path.name for path in files)
-    assert names == ["graph.json", "kernels.json", "logs.tgz", "profile.json", "summary.txt", "timing-adam.json",
-                     "timing.json"]
+    assert names == ["graph.json", "kernels.json", "logs.tgz", "profile.json", "summary.txt", "timing.json"]
     assert all(RETURNED_NAME.match(name) and path.parent == out for name, path in zip(names, sorted(files)))
 
     results = [RESULT.match(line) for line in (out / "summary.txt").read_text().splitlines()]
@@ -47,9 +46,9 @@ def test_dry_run_leaves_seven_files_and_a_result_per_stage(tmp_path):
     assert any(row.get("kind") == "split stress" for row in kernels["results"])
     timing = json.loads((out / "timing.json").read_text())
     assert timing["kind"] == "fastnst bench"  # what `fastnst bench --report` reads
-    assert [row["mode"] for row in timing["results"]] == ["fast", "plain", "reference"] * 2
-    adam = json.loads((out / "timing-adam.json").read_text())
-    assert [(row["optimizer"], row["mode"]) for row in adam["results"]] == [("adam", "fast")] * 2
+    assert [(row["optimizer"], row["mode"]) for row in timing["results"]] == (
+        [("lbfgs", "fast"), ("lbfgs", "plain"), ("lbfgs", "reference")] * 2 + [("adam", "fast")] * 2)
+    assert [(cost["size"], cost["mode"]) for cost in timing["lbfgs_cost"]] == [(32, "fast"), (48, "fast")]
     assert "L-BFGS share of the fast step: 32 px" in results[4].group(4)
     assert json.loads((out / "profile.json").read_text())["results"]
     with tarfile.open(out / "logs.tgz") as archive:
