@@ -7,7 +7,9 @@ px, in bf16, fp32 and fp16, channels_last and contiguous, with fresh random feat
 - the fused style loss and its gradient against float64 (target A = G / 2, so D = G - A has the
   size of G and no cancellation blurs the comparison; the weight scales the gradient to O(1) so
   fp16 does not flush it to zero);
-- on conv4_2, the content loss and its gradient against float64.
+- on conv4_2, the content loss and its gradient against float64;
+- after each size's layers (first layout of each dtype, the fast path's): the five style layers'
+  losses and gradients from the grouped kernels (one launch each way), against float64.
 
 Outputs are allocated NaN-filled, so an element a kernel never writes fails.  Tolerances are the
 kernel tests' (tests/test_kernels.py): values 2e-5 relative to the largest element; gradients, which
@@ -78,6 +80,33 @@ def check_style_layer(x: torch.Tensor, dtype_name: str) -> dict:
     return dict(gram_error=gram_error, loss_error=loss_error, grad_error=grad_error, layout_ok=layout_ok, ok=ok)
 
 
+def check_grouped(xs: list[torch.Tensor], dtype_name: str) -> dict:
+    """All style layers through the grouped kernels; per-layer grad_out 1 / max |grad| keeps every
+    gradient O(1).  Targets A = G / 2, as for one layer."""
+    from fastnst.kernels import triton_style_loss
+
+    targets, losses64, grads64, grad_out = [], [], [], []
+    for x in xs:
+        f64 = x.double().flatten(2)[0]
+        channels, positions = f64.shape
+        g64 = f64 @ f64.T
+        targets.append((g64 * 0.5).float())
+        d64 = g64 - targets[-1].double()
+        unit = 1.0 / (channels**2 * positions**2)
+        grads64.append((d64 @ f64) * unit)
+        grad_out.append(1.0 / grads64[-1].abs().max().item())
+        losses64.append(d64.square().sum() * unit / 4)
+    leaves = [x.detach().requires_grad_(True) for x in xs]
+    losses = triton_style_loss.grouped_style_losses(leaves, targets)
+    scales = torch.tensor(grad_out, device=losses.device)[:, None]
+    grads = torch.autograd.grad(losses, leaves, grad_outputs=scales.expand_as(losses).contiguous())
+    loss_error = max(relative_error(losses[i, 0], losses64[i]) for i in range(len(xs)))
+    grad_error = max(relative_error(g.flatten(2)[0], g64 * s) for g, g64, s in zip(grads, grads64, grad_out))
+    layout_ok = all(g.dtype == x.dtype and g.stride() == x.stride() for g, x in zip(grads, xs))
+    ok = loss_error <= VALUE_TOLERANCE and grad_error <= GRAD_TOLERANCE[dtype_name] and layout_ok
+    return dict(loss_error=loss_error, grad_error=grad_error, layout_ok=layout_ok, ok=ok)
+
+
 def check_content_layer(x: torch.Tensor, dtype_name: str) -> dict:
     from fastnst.kernels import triton_content_loss
 
@@ -116,12 +145,15 @@ def split_stress(dtype_name: str, side: int, split: int, repeats: int, device) -
 
 
 def cases(sizes, dtype_names, layouts, style_layers, content_layers):
-    """(dtype, layout, size, layer, is_style) in order of value: the fast path's first."""
+    """(dtype, layout, size, layer, kind) in order of value, the fast path's first; kind is style,
+    content or grouped (layer "style layers", after each size's layers in the first layout)."""
     for dtype_name in dtype_names:
         for layout in layouts:
             for size in sizes:
                 for layer in (*style_layers, *content_layers):
-                    yield dtype_name, layout, size, layer, layer in style_layers
+                    yield dtype_name, layout, size, layer, "style" if layer in style_layers else "content"
+                if layout == layouts[0]:
+                    yield dtype_name, layout, size, "style layers", "grouped"
 
 
 def summary(results: Results, total: int) -> str:
@@ -164,26 +196,29 @@ def main() -> int:
     results = Results(args.json, "fastnst gpu check: kernels", sizes=sizes, dtypes=dtype_names,
                       tolerances=dict(value=VALUE_TOLERANCE, grad=GRAD_TOLERANCE, stress_spread=STRESS_SPREAD))
     stressed = set()
-    for dtype_name, layout, size, layer, is_style in plan:
+    for dtype_name, layout, size, layer, kind in plan:
         if dtype_name not in stressed and layout != layouts[0]:  # after the first layout of each dtype
             stressed.add(dtype_name)
             results.add(split_stress(dtype_name, device=device, **stress))
             print(results.rows[-1], flush=True)
         started = time.perf_counter()
-        x = features(layer_channels(layer), size // layer_stride(layer), DTYPES[dtype_name], layout, device)
+        names = config.style_layers if kind == "grouped" else (layer,)
+        xs = [features(layer_channels(name), size // layer_stride(name), DTYPES[dtype_name], layout, device)
+              for name in names]
+        check = {"style": check_style_layer, "content": check_content_layer}.get(kind)
         try:
-            checked = check_style_layer(x, dtype_name) if is_style else check_content_layer(x, dtype_name)
+            checked = check_grouped(xs, dtype_name) if kind == "grouped" else check(xs[0], dtype_name)
         except Exception as exc:  # a kernel that fails to compile or launch is a result, not the end
             checked = dict(ok=False, error=first_line(exc),
                            grad_error=float("inf"))
         if device.type == "cuda":
             torch.cuda.synchronize()
-        row = dict(kind="case", dtype=dtype_name, layout=layout, size=size, layer=layer, C=x.shape[1],
-                   M=x.shape[2] * x.shape[3], seconds=round(time.perf_counter() - started, 3), **checked)
+        row = dict(kind="case", dtype=dtype_name, layout=layout, size=size, layer=layer, C=xs[0].shape[1],
+                   M=xs[0].shape[2] * xs[0].shape[3], seconds=round(time.perf_counter() - started, 3), **checked)
         results.add(row)
         print(row, flush=True)
         figures(summary(results, len(plan)))
-        del x
+        del xs
     for dtype_name in dtype_names:  # a dtype with one layout only never reached the stress above
         if dtype_name not in stressed:
             results.add(split_stress(dtype_name, device=device, **stress))

@@ -205,10 +205,12 @@ class StyleObjective:
         for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
                                          self.content_layer_weights):
             yield f"content:{name}", self.ops.content_losses(features[slot], target), self.alpha * v
-        if self.regions is None:
-            for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
-                                             self.style_layer_weights):
-                yield f"style:{name}", self.ops.style_losses(features[slot], target), self.beta * w
+        if self.regions is None and self.style_slots:
+            # All style layers at once: on Triton one launch forward and one backward for them all.
+            values = self.ops.grouped_style_losses([features[slot] for slot in self.style_slots],
+                                                   list(self.style_targets))
+            for name, layer_values, w in zip(self.style_layers, values, self.style_layer_weights):
+                yield f"style:{name}", layer_values, self.beta * w
         else:
             for index, (region, corrections, targets, share) in enumerate(zip(
                     self.regions, self.region_corrections, self.style_targets, self.region_weights)):

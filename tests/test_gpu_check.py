@@ -37,7 +37,7 @@ def test_dry_run_leaves_six_files_and_a_result_per_stage(tmp_path):
     assert [(m.group(1), m.group(2), m.group(3)) for m in results] == [
         ("0", "ok", "env"), ("1", "ok", "kernels"), ("2", "ok", "graph"), ("3", "ok", "tests"),
         ("4", "ok", "timing"), ("5", "ok", "profile")]
-    assert "triton gram ok" in results[0].group(4) and "24/24 of 24 cases ok" in results[1].group(4)
+    assert "triton gram ok" in results[0].group(4) and "26/26 of 26 cases ok" in results[1].group(4)
     assert "passed, 0 failed, 0 error" in results[3].group(4)
     assert proc.stdout.rstrip().endswith((out / "summary.txt").read_text().rstrip())  # summary printed last
 

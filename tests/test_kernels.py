@@ -114,6 +114,56 @@ def test_style_loss_value_and_gradient(batch, channels, positions, dtype, layout
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("split", [None, 1], ids=["split-by-device", "no-split"])
+def test_grouped_style_losses_equal_each_layers_own(dtype, split, monkeypatch):
+    """Four layers of different C, M and layout, one shared target and one per sample, in one
+    forward and one backward launch: every layer's per-sample losses and gradients (with a
+    per-layer, per-sample grad_out) match float64 as the single-layer kernels do.  Layer 0 (C = 3,
+    M = 1009) takes the split path and layer 3 (C = 130, three tiles per side) the unsplit one
+    under the device's split; ``split=1`` forces no split anywhere."""
+    if split is not None:
+        real = triton_gram._GramLayer.__init__
+        monkeypatch.setattr(triton_gram._GramLayer, "__init__",
+                            lambda self, x, target, scale, split_=None: real(self, x, target, scale, split))
+    shapes = [(3, 1009, "contiguous"), (64, 91, "channels_last"), (96, 97, "contiguous"), (130, 14, "channels_last")]
+    g = torch.Generator().manual_seed(31)
+    xs, targets = [], []
+    for i, (channels, positions, layout) in enumerate(shapes):
+        xs.append(_features(2, channels, positions, dtype, layout, seed=40 + i))
+        basis = torch.randn(2, channels, 2 * channels, generator=g, dtype=torch.float64)
+        target = basis @ basis.transpose(1, 2) * (positions / (2 * channels))
+        targets.append(target[0] if i % 2 else target)  # shared (C, C) and per-sample (B, C, C)
+    grad_out = torch.randn(len(shapes), 2, generator=g, dtype=torch.float64) * 1e3 + 2e3
+    x64 = [x.double().cpu().requires_grad_(True) for x in xs]
+    expected = reference.grouped_style_losses(x64, targets)
+    expected_grads = torch.autograd.grad(expected, x64, grad_outputs=grad_out)
+    launches = []
+    for name in ("_grouped_gram_kernel", "_grouped_gram_backward_kernel", "_gram_kernel", "_gram_backward_kernel"):
+        kernel = getattr(triton_gram, name)
+        monkeypatch.setattr(triton_gram, name, _Counted(kernel, name, launches))
+    xt = [x.clone().requires_grad_(True) for x in xs]
+    losses = triton_style_loss.grouped_style_losses(xt, [target.float().to(DEVICE) for target in targets])
+    assert losses.shape == (4, 2) and losses.dtype == torch.float32
+    grads = torch.autograd.grad(losses, xt, grad_outputs=grad_out.float().to(DEVICE))
+    assert launches == ["_grouped_gram_kernel", "_grouped_gram_backward_kernel"]
+    for layer in range(4):
+        _close(losses[layer], expected[layer], VALUE_TOLERANCE, f"layer {layer} losses")
+        assert grads[layer].dtype == dtype and grads[layer].stride() == xs[layer].stride()
+        _close(grads[layer], expected_grads[layer], GRAD_TOLERANCE[dtype], f"layer {layer} gradient")
+
+
+class _Counted:
+    """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
+
+    def __init__(self, kernel, name, launches):
+        self.kernel, self.name, self.launches = kernel, name, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape", [(1, 3, 7, 11), (3, 64, 1, 1009), (2, 96, 13, 7)])
 def test_content_loss_value_and_gradient(dtype, layout, shape):

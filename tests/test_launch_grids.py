@@ -4,9 +4,9 @@ CUDA refuses a launch with more than 2^31 - 1 programs on grid axis 0 or more th
 1 and 2 ("invalid argument"); Triton's interpreter enforces neither, so the kernel tests cannot see
 it.  Here every launch is intercepted and only recorded (nothing is computed): the features are
 meta tensors of the real shapes, so even a 16384 px image costs no memory.  The launchers run
-exactly as the engine calls them: style loss forward and backward, Gram forward and backward (the
-tiled surrogate), content loss forward and backward, with the split the launcher would pick on an
-H100 (132 SMs) or a larger GPU.
+exactly as the engine calls them: style loss forward and backward (one layer, and all style layers
+grouped in one launch each way), Gram forward and backward (the tiled surrogate), content loss
+forward and backward, with the split the launcher would pick on an H100 (132 SMs) or a larger GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from fastnst.kernels import triton_content_loss, triton_gram, triton_style_loss 
 from fastnst.vgg import LAYER_NAMES, layer_channels, layer_stride  # noqa: E402
 
 AXIS_LIMITS = (2**31 - 1, 65_535, 65_535)  # CUDA: gridDim.x, gridDim.y, gridDim.z
-LAUNCHED = {"_gram_kernel", "_gram_backward_kernel", "_content_forward_kernel", "_content_backward_kernel"}
+LAUNCHED = {"_gram_kernel", "_gram_backward_kernel", "_content_forward_kernel", "_content_backward_kernel",
+            "_grouped_gram_kernel", "_grouped_gram_backward_kernel"}
+STYLE_LAYERS = ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1")
 # Square sides from the smallest image to 16384 px, including odd ones (VGG's poolings floor).
 SQUARE_SIDES = (16, 33, 512, 1000, 2048, 2049, 4096, 8192, 12288, 16384)
 # Very wide or tall images, up to the longest side --size accepts.
@@ -66,6 +68,13 @@ def _engine_launches(x: torch.Tensor) -> None:
     torch.autograd.grad(triton_content_loss.content_loss(leaf, x.detach()), leaf)
 
 
+def _grouped_launches(features: list[torch.Tensor]) -> None:
+    """The engine's grouped style losses over several layers, forward and backward."""
+    leaves = [x.detach().requires_grad_(True) for x in features]
+    targets = [torch.empty(x.shape[1], x.shape[1], device="meta") for x in features]
+    torch.autograd.grad(triton_style_loss.grouped_style_losses(leaves, targets).sum(), leaves)
+
+
 def _out_of_limits(launches) -> list[str]:
     bad = []
     for name, grid in launches:
@@ -86,6 +95,11 @@ def test_every_layer_and_size_launches_within_cuda_limits(launches, monkeypatch,
                 before = len(launches)
                 _engine_launches(_features(1, layer, height, width, dtype, layout))
                 assert len(launches) - before == 6, f"{layer} at {width}x{height}: launches not intercepted"
+        styles = [_features(1, layer, height, width, dtype, layout) for layer in STYLE_LAYERS
+                  if height // layer_stride(layer) and width // layer_stride(layer)]
+        before = len(launches)
+        _grouped_launches(styles)
+        assert len(launches) - before == 2, f"{width}x{height}: grouped launches not intercepted"
     assert {name for name, _ in launches} == LAUNCHED
     bad = _out_of_limits(launches)
     assert not bad, f"{len(bad)} launches outside CUDA's grid limits, e.g. {bad[:5]}"
@@ -97,6 +111,7 @@ def test_batches_launch_within_cuda_limits(launches, monkeypatch, batch, side):
     _on_gpu_with(monkeypatch, 132)
     for layer in ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv4_2", "conv5_1"):
         _engine_launches(_features(batch, layer, side, side, torch.bfloat16, "channels_last"))
+    _grouped_launches([_features(batch, layer, side, side, torch.bfloat16, "channels_last") for layer in STYLE_LAYERS])
     bad = _out_of_limits(launches)
     assert not bad, f"launches outside CUDA's grid limits: {bad[:5]}"
 
@@ -129,12 +144,18 @@ def test_scratch_parts_start_on_64_byte_boundaries(launches, monkeypatch):
         if self.fn.__name__ == "_gram_kernel":
             _, _, _, workspace, counters, loss = args[:6]
             seen.append((loss.storage_offset(), counters.storage_offset(), workspace.storage_offset()))
+        elif self.fn.__name__ == "_grouped_gram_kernel":  # one buffer, each layer's parts at offsets
+            workspaces_at, counters_at = args[5], args[6]
+            seen.append(tuple(workspaces_at) + tuple(counters_at))
 
     monkeypatch.setattr(type(triton_gram._gram_kernel), "run", record)
     _on_gpu_with(monkeypatch, 132)
     for channels in (3, 64, 130, 512):
         for batch in (1, 3):
             triton_gram.launch_gram(torch.empty(batch, channels, 4099, device="meta"))
-    assert seen
+            features = [torch.empty(batch, c, 4099, device="meta") for c in (3, 64, channels)]
+            targets = [torch.empty(c, c, device="meta") for c in (3, 64, channels)]
+            triton_gram.launch_grouped_style_losses(features, targets, [1.0] * 3)
+    assert len(seen) == 16
     for offsets in seen:
         assert all(offset % triton_gram.SCRATCH_ALIGN == 0 for offset in offsets), offsets

@@ -84,12 +84,13 @@ def resolve(device: torch.device | str, backend: str | None = None) -> str:
     return "triton"
 
 
-OPS = ("gram", "style_losses", "style_loss", "content_losses", "content_loss")
+OPS = ("gram", "style_losses", "style_loss", "grouped_style_losses", "content_losses", "content_loss")
 
 
 def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespace:
     """The kernels of the backend resolved for ``device``: gram, and style/content losses per sample
-    (``style_losses``, ``content_losses``: (B,)) and summed over the batch (``style_loss``, ...)."""
+    (``style_losses``, ``content_losses``: (B,)), summed over the batch (``style_loss``, ...) and
+    for several style layers at once (``grouped_style_losses``: (L, B), one launch on Triton)."""
     name = resolve(device, backend)
     if name == "torch":
         from . import reference as chosen
@@ -98,6 +99,7 @@ def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespa
 
         chosen = SimpleNamespace(gram=triton_gram.gram, style_losses=triton_style_loss.style_losses,
                                  style_loss=triton_style_loss.style_loss,
+                                 grouped_style_losses=triton_style_loss.grouped_style_losses,
                                  content_losses=triton_content_loss.content_losses,
                                  content_loss=triton_content_loss.content_loss)
     return SimpleNamespace(name=name, **{op: getattr(chosen, op) for op in OPS})

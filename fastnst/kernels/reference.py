@@ -90,6 +90,12 @@ def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) 
     return style_losses(x, target_gram, weight).sum()
 
 
+def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor]) -> torch.Tensor:
+    """(L, B) fp32: the style losses of L layers at once (row l is ``style_losses(xs[l],
+    target_grams[l])``); the Triton twin computes them in one launch."""
+    return torch.stack([style_losses(x, target) for x, target in zip(xs, target_grams)])
+
+
 def content_losses(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) fp32: 1/2 sum (F - P)^2 of each sample, whatever autocast is on."""
     with _full_precision(x):

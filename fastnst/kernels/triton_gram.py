@@ -15,6 +15,15 @@ With atomics the summation order varies between runs (results agree to fp32 roun
 ``_gram_backward_kernel`` computes scale * D F (the Gram's and the style loss's gradient with
 respect to F) and writes it in the layout of the gradient tensor.
 
+``_grouped_gram_kernel`` and ``_grouped_gram_backward_kernel`` do the same for several layers in
+one launch each (the style losses of all style layers: 2 launches and 1 memset per step instead of
+3 per layer).  Each layer's programs take a contiguous range of the one grid axis; a program finds
+its layer by comparing its index with the ranges' starts, unrolled over the layers at compile time
+(``tl.static_range``; per-layer pointers and sizes arrive as tuples), and runs the same
+``_gram_program`` / ``_gram_backward_program`` as the one-layer kernels.  Besides the launches
+saved, the deep layers' few tiles (conv5_1 at 512 px: 36 tile programs) now share the GPU with
+conv1_1's many instead of running alone.
+
 Every launch uses a one-dimensional grid.  CUDA allows 2^31 - 1 programs on grid axis 0 but only
 65,535 on axes 1 and 2; the number of position blocks of conv1_1 reaches 65,536 at 2048 x 2048
 px, so all work indices (batch, channel block, position block, split part) are folded into axis 0
@@ -88,6 +97,20 @@ def _gram_epilogue(g, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stri
 
 @triton.jit(do_not_specialize=["n_split"])  # one compiled variant whatever the split
 def _gram_kernel(
+    x_ptr, target_ptr, out_ptr, ws_ptr, counter_ptr, loss_ptr, C, M, stride_xb, stride_xc, stride_xm,
+    stride_tb, stride_tc, stride_tr, tiles, chunk, n_split, loss_scale,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, STYLE: tl.constexpr, SPLIT: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """One layer's Gram (or style loss): the arguments are _gram_program's."""
+    _gram_program(tl.program_id(0), x_ptr, target_ptr, out_ptr, ws_ptr, counter_ptr, loss_ptr, C, M,
+                  stride_xb, stride_xc, stride_xm, stride_tb, stride_tc, stride_tr, tiles, chunk, n_split,
+                  loss_scale, BLOCK_C, BLOCK_K, STYLE, SPLIT, DOT_FP32)
+
+
+@triton.jit
+def _gram_program(
+    pid,  # this program's index among the layer's programs
     x_ptr,  # features F, (B, C, M) at the strides below; fp32, bf16 or fp16
     target_ptr,  # STYLE: target Gram A (fp32), batch stride 0 when shared; else unused
     out_ptr,  # (B, C, C) fp32 contiguous: G, or D = G - A for STYLE
@@ -108,7 +131,6 @@ def _gram_kernel(
 ):
     # One grid axis (see the module docstring): pid = (b * n_split + part) * T^2 + tile, so the
     # programs that run side by side share their positions (part) and read the same F columns.
-    pid = tl.program_id(0)
     tile = pid % (tiles * tiles)
     part = (pid // (tiles * tiles)) % n_split
     b = pid // (tiles * tiles * n_split)
@@ -154,6 +176,19 @@ def _gram_kernel(
 
 @triton.jit
 def _gram_backward_kernel(
+    d_ptr, x_ptr, grad_ptr, scale_ptr, scale, C, M, stride_xb, stride_xc, stride_xm, stride_gb, stride_gc,
+    stride_gm, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """One layer's D F product: the arguments are _gram_backward_program's."""
+    _gram_backward_program(tl.program_id(0), d_ptr, x_ptr, grad_ptr, scale_ptr, scale, C, M, stride_xb,
+                           stride_xc, stride_xm, stride_gb, stride_gc, stride_gm, BLOCK_C, BLOCK_M, BLOCK_K,
+                           HAS_SCALE_PTR, DOT_FP32)
+
+
+@triton.jit
+def _gram_backward_program(
+    pid,  # this program's index among the layer's programs
     d_ptr,  # D, (B, C, C) fp32 contiguous (symmetric)
     x_ptr,  # F, (B, C, M) at its strides
     grad_ptr,  # output, (B, C, M) at its strides, in its own dtype
@@ -168,7 +203,6 @@ def _gram_backward_kernel(
     """grad[b, c, m] = scale * scale_ptr[b] * sum_k D[b, c, k] F[b, k, m]."""
     # One grid axis: pid = (b * m_blocks + pm) * c_blocks + pc; neighbouring programs take the
     # channel blocks of the same positions, so each F column block is read from L2 after the first.
-    pid = tl.program_id(0)
     c_blocks = tl.cdiv(C, BLOCK_C)
     m_blocks = tl.cdiv(M, BLOCK_M)
     pc = pid % c_blocks
@@ -196,6 +230,51 @@ def _gram_backward_kernel(
     g_base = grad_ptr + b * stride_gb
     tl.store(g_base + rows[:, None] * stride_gc + cols[None, :] * stride_gm,
              acc.to(grad_ptr.dtype.element_ty), mask=(rows[:, None] < C) & (cols[None, :] < M))
+
+
+@triton.jit
+def _grouped_gram_kernel(
+    x_ptrs, target_ptrs, out_ptrs,  # per layer: F, A and D, as for _gram_program
+    scratch_ptr, counters_ptr,  # fp32 and int32 views of one zeroed buffer: losses (L, B), counters, workspaces
+    workspace_at, counters_at,  # per layer: element offsets of its workspace and counters in the buffer
+    starts,  # L + 1 program offsets: layer l owns programs starts[l] .. starts[l + 1] - 1
+    batch,
+    Cs, Ms, stride_xbs, stride_xcs, stride_xms, stride_tbs, stride_tcs, stride_trs, tiles, chunks, n_splits,
+    loss_scales,  # per layer, as for _gram_program
+    LAYERS: tl.constexpr, SPLITS: tl.constexpr,  # SPLITS: per layer, n_split > 1
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """The style losses of all layers in one launch: each program runs _gram_program for its layer."""
+    pid = tl.program_id(0)
+    for layer in tl.static_range(LAYERS):
+        if (pid >= starts[layer]) & (pid < starts[layer + 1]):
+            _gram_program(pid - starts[layer], x_ptrs[layer], target_ptrs[layer], out_ptrs[layer],
+                          scratch_ptr + workspace_at[layer], counters_ptr + counters_at[layer],
+                          scratch_ptr + layer * batch, Cs[layer], Ms[layer], stride_xbs[layer], stride_xcs[layer],
+                          stride_xms[layer], stride_tbs[layer], stride_tcs[layer], stride_trs[layer], tiles[layer],
+                          chunks[layer], n_splits[layer], loss_scales[layer], BLOCK_C, BLOCK_K, True, SPLITS[layer],
+                          DOT_FP32)
+
+
+@triton.jit
+def _grouped_gram_backward_kernel(
+    d_ptrs, x_ptrs, grad_ptrs,  # per layer: D, F and the gradient, as for _gram_backward_program
+    scale_ptr,  # (L, B) fp32: layer l's sample b is multiplied by scale_ptr[l * batch + b]
+    scales,  # per layer: a host float multiplying the result
+    starts,  # L + 1 program offsets, as in _grouped_gram_kernel
+    batch,
+    Cs, Ms, stride_xbs, stride_xcs, stride_xms, stride_gbs, stride_gcs, stride_gms,  # per layer
+    LAYERS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
+    """The D F products of all layers in one launch: each program runs _gram_backward_program."""
+    pid = tl.program_id(0)
+    for layer in tl.static_range(LAYERS):
+        if (pid >= starts[layer]) & (pid < starts[layer + 1]):
+            _gram_backward_program(pid - starts[layer], d_ptrs[layer], x_ptrs[layer], grad_ptrs[layer],
+                                   scale_ptr + layer * batch, scales[layer], Cs[layer], Ms[layer],
+                                   stride_xbs[layer], stride_xcs[layer], stride_xms[layer], stride_gbs[layer],
+                                   stride_gcs[layer], stride_gms[layer], BLOCK_C, BLOCK_M, BLOCK_K, True, DOT_FP32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,6 +365,51 @@ def new_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
+class _GramLayer:
+    """How one layer's Gram is launched: its (B, C, M) view, tiles, split and scratch needs."""
+
+    def __init__(self, x: torch.Tensor, target: torch.Tensor | None, loss_scale: float, split: int | None = None):
+        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"gram supports fp32, bf16 and fp16 features, not {x.dtype}")
+        self.x, self.channels, self.positions, self.strides = as_bcm(x)
+        check_positions(self.positions)
+        self.batch = batch = self.x.shape[0]
+        channels = self.channels
+        self.tiles = triton.cdiv(channels, BLOCK_C)
+        n_split = split or _split_for(self.x, self.tiles * (self.tiles + 1) // 2 * batch, self.positions)
+        self.chunk = max(1, triton.cdiv(triton.cdiv(self.positions, n_split), BLOCK_K)) * BLOCK_K
+        self.n_split = max(1, triton.cdiv(self.positions, self.chunk))  # no empty programs
+        self.programs = batch * self.n_split * self.tiles * self.tiles
+        self.counters = batch * self.tiles * self.tiles if self.n_split > 1 else 0
+        self.workspace = batch * channels * channels if self.n_split > 1 else 0
+        self.out = new_output((batch, channels, channels), torch.float32, self.x.device)
+        self.loss_scale = float(loss_scale)
+        self.style = target is not None
+        if self.style:
+            if tuple(target.shape) not in ((channels, channels), (batch, channels, channels)):
+                raise ValueError(f"target Gram must be ({channels}, {channels}) or ({batch}, {channels}, "
+                                 f"{channels}), not {tuple(target.shape)}")
+            self.target = target.float().expand(batch, channels, channels)  # shared A: batch stride 0
+            self.target_strides = self.target.stride()
+        else:
+            self.target, self.target_strides = self.out, (0, 0, 0)  # unused by the kernel
+
+
+def _scratch(layers: list[_GramLayer], device) -> tuple[torch.Tensor, list[int], list[int]]:
+    """One zeroed allocation (one memset) for every layer's losses, arrival counters and split
+    workspace; each part starts on a 64-byte boundary so the workspace's tile loads stay wide.
+    Returns it with each layer's counter and workspace offsets (elements)."""
+    at = _aligned(sum(layer.batch for layer in layers))  # the losses come first, layer after layer
+    counters_at, workspaces_at = [], []
+    for layer in layers:
+        counters_at.append(at)
+        at += _aligned(layer.counters)
+    for layer in layers:
+        workspaces_at.append(at)
+        at += _aligned(layer.workspace)
+    return torch.zeros(at, dtype=torch.float32, device=device), counters_at, workspaces_at
+
+
 def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale: float = 0.0,
                 split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """G (target None) or D = G - A and the per-sample losses (target given), all fp32.
@@ -293,43 +417,50 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
     Returns (out, losses) with out (B, C, C) and losses (B,) (None without a target).
     ``split`` forces the number of programs per tile (tests); None picks it from the device.
     """
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"gram supports fp32, bf16 and fp16 features, not {x.dtype}")
-    x, channels, positions, (sxb, sxc, sxm) = as_bcm(x)
-    check_positions(positions)
-    batch = x.shape[0]
-    tiles = triton.cdiv(channels, BLOCK_C)
-    n_tile_programs = tiles * (tiles + 1) // 2 * batch
-    n_split = split or _split_for(x, n_tile_programs, positions)
-    chunk = max(1, triton.cdiv(triton.cdiv(positions, n_split), BLOCK_K)) * BLOCK_K
-    n_split = max(1, triton.cdiv(positions, chunk))  # no empty programs
-    out = new_output((batch, channels, channels), torch.float32, x.device)
-    # One zeroed allocation (one memset) holds the losses, the arrival counters and, when split, the
-    # workspace; each part starts on a 64-byte boundary so the workspace's tile loads stay wide.
-    n_counters = batch * tiles * tiles if n_split > 1 else 0
-    n_ws = batch * channels * channels if n_split > 1 else 0
-    counters_at = _aligned(batch)
-    ws_at = counters_at + _aligned(n_counters)
-    scratch = torch.zeros(ws_at + n_ws, dtype=torch.float32, device=x.device)
-    loss = scratch[:batch]
-    counters = scratch[counters_at:ws_at].view(torch.int32) if n_split > 1 else scratch
-    workspace = scratch[ws_at:] if n_split > 1 else scratch
-    style = target is not None
-    if style:
-        if tuple(target.shape) not in ((channels, channels), (batch, channels, channels)):
-            raise ValueError(f"target Gram must be ({channels}, {channels}) or ({batch}, {channels}, "
-                             f"{channels}), not {tuple(target.shape)}")
-        target = target.float().expand(batch, channels, channels)  # shared A: batch stride 0
-        stb, stc, str_ = target.stride()
-    else:
-        target, stb, stc, str_ = out, 0, 0, 0  # unused by the kernel
-    grid = grid_1d(batch * n_split * tiles * tiles, "the Gram kernel")
+    layer = _GramLayer(x, target, loss_scale, split)
+    scratch, (counters_at,), (workspace_at,) = _scratch([layer], layer.x.device)
+    loss = scratch[:layer.batch]
+    counters = scratch[counters_at:].view(torch.int32)
+    grid = grid_1d(layer.programs, "the Gram kernel")
     _gram_kernel[grid](
-        x, target, out, workspace, counters, loss, channels, positions, sxb, sxc, sxm, stb, stc, str_,
-        tiles, chunk, n_split, float(loss_scale),
-        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, STYLE=style, SPLIT=n_split > 1,
-        DOT_FP32=_use_fp32_dot(x), num_warps=4, num_stages=3)
-    return out, (loss if style else None)
+        layer.x, layer.target, layer.out, scratch[workspace_at:], counters, loss, layer.channels,
+        layer.positions, *layer.strides, *layer.target_strides, layer.tiles, layer.chunk, layer.n_split,
+        layer.loss_scale, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, STYLE=layer.style, SPLIT=layer.n_split > 1,
+        DOT_FP32=_use_fp32_dot(layer.x), num_warps=4, num_stages=3)
+    return layer.out, (loss if layer.style else None)
+
+
+def launch_grouped_style_losses(xs: list[torch.Tensor], targets: list[torch.Tensor], loss_scales: list[float],
+                                split: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Every layer's D = G - A and per-sample losses in one launch (and one memset): the layers'
+    programs follow each other on the one grid axis and each program finds its layer.
+
+    Returns ([D per layer], losses (L, B) fp32).  The features share dtype, device and batch.
+    """
+    layers = [_GramLayer(x, target, scale, split) for x, target, scale in zip(xs, targets, loss_scales)]
+    batch = layers[0].batch
+    if any(layer.batch != batch or layer.x.dtype != layers[0].x.dtype for layer in layers):
+        raise ValueError("grouped style losses need features of one batch size and dtype")
+    scratch, counters_at, workspaces_at = _scratch(layers, layers[0].x.device)
+    starts = [0]
+    for layer in layers:
+        starts.append(starts[-1] + layer.programs)
+    grid = grid_1d(starts[-1], "the grouped Gram kernel")
+
+    def each(field):
+        return tuple(field(layer) for layer in layers)
+
+    _grouped_gram_kernel[grid](
+        each(lambda layer: layer.x), each(lambda layer: layer.target), each(lambda layer: layer.out),
+        scratch, scratch.view(torch.int32), tuple(workspaces_at), tuple(counters_at), tuple(starts), batch,
+        each(lambda layer: layer.channels), each(lambda layer: layer.positions),
+        each(lambda layer: layer.strides[0]), each(lambda layer: layer.strides[1]),
+        each(lambda layer: layer.strides[2]), each(lambda layer: layer.target_strides[0]),
+        each(lambda layer: layer.target_strides[1]), each(lambda layer: layer.target_strides[2]),
+        each(lambda layer: layer.tiles), each(lambda layer: layer.chunk), each(lambda layer: layer.n_split),
+        each(lambda layer: layer.loss_scale), LAYERS=len(layers), SPLITS=each(lambda layer: layer.n_split > 1),
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, DOT_FP32=_use_fp32_dot(layers[0].x), num_warps=4, num_stages=3)
+    return [layer.out for layer in layers], scratch[:batch * len(layers)].view(len(layers), batch)
 
 
 def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
@@ -351,6 +482,32 @@ def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
         HAS_SCALE_PTR=scale_tensor is not None, DOT_FP32=_use_fp32_dot(x, backward=True), num_warps=4,
         num_stages=3)
     return grad
+
+
+def launch_grouped_gram_backward(ds: list[torch.Tensor], xs: list[torch.Tensor], scales: list[float],
+                                 scale_tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's scales[l] * scale_tensor[l, b] * D_b F_b in one launch; scale_tensor is (L, B)
+    fp32 contiguous (autograd's grad_out of the grouped losses).  Each gradient is shaped and laid
+    out like its features, in their dtype."""
+    views, grads, starts = [], [], [0]
+    for x in xs:
+        xv, channels, positions, strides = as_bcm(x)
+        check_positions(positions)
+        grad = new_like(xv) if positions else torch.zeros_like(xv)  # no programs for an empty layer
+        views.append((xv, channels, positions, strides, as_bcm(grad)[3]))
+        grads.append(grad)
+        starts.append(starts[-1] + x.shape[0] * triton.cdiv(channels, BLOCK_C) * triton.cdiv(positions, BLOCK_M))
+    grid = grid_1d(starts[-1], "the grouped Gram backward kernel")
+
+    def each(index, part=None):
+        return tuple(view[index] if part is None else view[index][part] for view in views)
+
+    _grouped_gram_backward_kernel[grid](
+        tuple(d.float().contiguous() for d in ds), each(0), tuple(grads), scale_tensor, tuple(float(s) for s in scales),
+        tuple(starts), xs[0].shape[0], each(1), each(2), each(3, 0), each(3, 1), each(3, 2), each(4, 0), each(4, 1),
+        each(4, 2), LAYERS=len(xs), BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_K=BACKWARD_BLOCK_K,
+        DOT_FP32=_use_fp32_dot(xs[0], backward=True), num_warps=4, num_stages=3)
+    return grads
 
 
 class Gram(torch.autograd.Function):

@@ -1,9 +1,10 @@
-"""The fused style losses, weight / (4 C^2 M^2) sum (G_b - A)^2 per sample, as a torch.autograd.Function.
+"""The fused style losses, weight / (4 C^2 M^2) sum (G_b - A)^2 per sample, as torch.autograd.Functions.
 
 Forward is one Gram launch whose epilogue forms D = G - A and each sample's loss (triton_gram.py); D
 is kept for backward, which is one launch of the D F product: grad_x[b] = grad_out[b] * weight /
 (C^2 M^2) * D_b F_b, in x's dtype and layout.  grad_out stays on the device (no host read), so the
-step can be captured in a CUDA graph.
+step can be captured in a CUDA graph.  ``grouped_style_losses`` does the same for all style layers
+at once: one forward launch (and one memset) and one backward launch instead of three per layer.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from .reference import style_normaliser
-from .triton_gram import as_bcm, launch_gram, launch_gram_backward
+from .triton_gram import (as_bcm, launch_gram, launch_gram_backward, launch_grouped_gram_backward,
+                          launch_grouped_style_losses)
 
 
 class StyleLosses(torch.autograd.Function):
@@ -42,3 +44,32 @@ def style_losses(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0
 def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
     """The style losses summed over the batch: an fp32 scalar."""
     return style_losses(x, target_gram, weight).sum()
+
+
+class GroupedStyleLosses(torch.autograd.Function):
+    """The style losses of L layers, (L, B), from one forward and one backward launch."""
+
+    @staticmethod
+    def forward(ctx, layers: int, *features_and_targets: torch.Tensor) -> torch.Tensor:
+        xs, targets = features_and_targets[:layers], features_and_targets[layers:]
+        scales = [style_normaliser(as_bcm(x)[1], as_bcm(x)[2]) for x in xs]
+        ds, losses = launch_grouped_style_losses(list(xs), list(targets), scales)
+        ctx.save_for_backward(*xs, *ds)
+        ctx.layers, ctx.grad_scales = layers, [4.0 * scale for scale in scales]  # 1 / (C^2 M^2)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = ctx.saved_tensors
+        xs, ds = saved[:ctx.layers], saved[ctx.layers:]
+        grads = launch_grouped_gram_backward(list(ds), list(xs), ctx.grad_scales, grad_out.float().contiguous())
+        return (None, *grads) + (None,) * ctx.layers
+
+
+def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor]) -> torch.Tensor:
+    """Fused Triton style losses of L layers in one launch each way: (L, B) fp32, row l being
+    ``style_losses(xs[l], target_grams[l])``."""
+    if torch.is_grad_enabled() and any(target.requires_grad for target in target_grams):
+        raise ValueError("the Triton style loss does not differentiate with respect to the target "
+                         "Gram; detach it or use the torch backend")
+    return GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
