@@ -152,6 +152,32 @@ def test_grouped_style_losses_equal_each_layers_own(dtype, split, monkeypatch):
         _close(grads[layer], expected_grads[layer], GRAD_TOLERANCE[dtype], f"layer {layer} gradient")
 
 
+def test_grouped_style_losses_fall_back_to_one_launch_per_layer(monkeypatch, capsys):
+    """Where the grouped kernels cannot compile (an older Triton without tuple arguments), the first
+    call says so once and it and every later call give the same losses and gradients through the
+    one-layer kernels."""
+    monkeypatch.setattr(triton_style_loss, "_grouped_works", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("tuples are not supported\nsecond line")
+
+    monkeypatch.setattr(triton_style_loss, "launch_grouped_style_losses", broken)
+    g = torch.Generator().manual_seed(5)
+    xs = [_features(2, c, 91, torch.float32, "channels_last", seed=c) for c in (3, 64)]
+    targets = [torch.rand(c, c, generator=g).to(DEVICE) for c in (3, 64)]
+    for attempt in range(2):
+        leaves = [x.clone().requires_grad_(True) for x in xs]
+        losses = triton_style_loss.grouped_style_losses(leaves, targets)
+        grads = torch.autograd.grad(losses.sum(), leaves)
+        for layer, (x, target) in enumerate(zip(xs, targets)):
+            leaf = x.clone().requires_grad_(True)
+            alone = triton_style_loss.style_losses(leaf, target)
+            (grad,) = torch.autograd.grad(alone.sum(), leaf)
+            assert torch.equal(losses[layer], alone) and torch.equal(grads[layer], grad)
+    err = capsys.readouterr().err
+    assert err.count("grouped style-loss kernels unavailable (tuples are not supported)") == 1
+
+
 class _Counted:
     """A Triton kernel whose launches (``kernel[grid](...)``) are recorded by name."""
 

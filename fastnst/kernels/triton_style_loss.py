@@ -9,6 +9,8 @@ at once: one forward launch (and one memset) and one backward launch instead of 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from .reference import style_normaliser
@@ -66,10 +68,33 @@ class GroupedStyleLosses(torch.autograd.Function):
         return (None, *grads) + (None,) * ctx.layers
 
 
+# None until the grouped kernels first run; False once they failed to compile or launch here.
+_grouped_works: bool | None = None
+
+
 def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor]) -> torch.Tensor:
     """Fused Triton style losses of L layers in one launch each way: (L, B) fp32, row l being
-    ``style_losses(xs[l], target_grams[l])``."""
+    ``style_losses(xs[l], target_grams[l])``.
+
+    The grouped kernels pass per-layer arguments as tuples, which an older Triton may not compile.
+    If their first use in this process fails, that is said once on stderr and every later call
+    takes one launch per layer (the same numbers, more launches), so a run is never lost to it.
+    ``GroupedStyleLosses.apply`` has no such fallback (the GPU check uses it)."""
+    global _grouped_works
     if torch.is_grad_enabled() and any(target.requires_grad for target in target_grams):
         raise ValueError("the Triton style loss does not differentiate with respect to the target "
                          "Gram; detach it or use the torch backend")
-    return GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
+    if _grouped_works is False:
+        return torch.stack([style_losses(x, target) for x, target in zip(xs, target_grams)])
+    if _grouped_works:
+        return GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
+    try:
+        losses = GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
+    except Exception as exc:  # compile or launch failure of the grouped kernels on this machine
+        _grouped_works = False
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"fastnst: warning: grouped style-loss kernels unavailable ({reason}); one launch per layer",
+              file=sys.stderr)
+        return grouped_style_losses(xs, target_grams)
+    _grouped_works = True
+    return losses
