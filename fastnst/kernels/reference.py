@@ -71,7 +71,13 @@ class _StyleLosses(torch.autograd.Function):
         x, diff = ctx.saved_tensors
         with _full_precision(diff):
             symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out.view(-1, 1, 1)
-            grad = (symmetric @ _flat(x)).view(x.shape).to(x.dtype)
+            if x.dtype == torch.bfloat16:
+                # As the Triton kernel does: D rounded to bf16 (fp32's exponent range), products
+                # accumulated in fp32, the gradient written in bf16 as it would be anyway.  Half the
+                # bytes and native bf16 products on CPUs that have them.
+                grad = (symmetric.to(x.dtype) @ x.flatten(2)).view(x.shape)
+            else:  # fp16 keeps the fp32 product: D ~ M F^2 overflows fp16's range
+                grad = (symmetric @ _flat(x)).view(x.shape).to(x.dtype)
         return grad, None, None
 
 
