@@ -56,7 +56,7 @@ def precision_reason(name: str, device: torch.device) -> str:
         return "asked for"
     hardware = native_bf16(device)
     if hardware:
-        return f"auto: {hardware} compute bf16 natively (--precision fp32 for bit-faithful runs)"
+        return f"auto: {hardware} compute bf16 natively; --precision fp32 for bit-faithful runs"
     if device.type == "cpu":
         return "auto: this CPU has neither AMX nor AVX-512 BF16, so bf16 would be emulated"
     return "auto: no native bf16 on this device"
