@@ -216,9 +216,12 @@ class StyleObjective:
                     self.regions, self.region_corrections, self.style_targets, self.region_weights)):
                 for name, slot, mask, correction, target, w in zip(self.style_layers, self.style_slots, region,
                                                                    corrections, targets, self.style_layer_weights):
-                    # style_losses normalise by all M positions; the region has M_r = sum(mask).
+                    # style_losses normalise by all M positions; the region has M_r = sum(mask).  The
+                    # mask is cast to the features' dtype so a masked layer computes in the run's
+                    # precision, as an unmasked one does (an all-white mask gives the unmasked run).
+                    masked = features[slot] * mask.to(features[slot].dtype)
                     yield (f"style:{name}:{index}",
-                           self.ops.style_losses(features[slot] * mask, target) * correction, self.beta * w * share)
+                           self.ops.style_losses(masked, target) * correction, self.beta * w * share)
         if self.tv_weight:
             yield "tv", total_variation(image), self.tv_weight
 
