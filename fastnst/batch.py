@@ -30,7 +30,7 @@ from PIL import Image
 
 from . import color
 from .config import BatchConfig, StyleConfig
-from .errors import ConfigError, FastNSTError, ImageError
+from .errors import ConfigError, FastNSTError, ImageError, first_line
 from .images import SAVE_FORMATS, image_to_tensor, load_image, read_metadata, resized, save_image
 from .loop import Hooks
 from .measure import SAFETY, free_bytes, model_flops, peak_tflops
@@ -419,7 +419,7 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, ledg
         label = f"batch of {len(ready)} at {size[0]}x{size[1]}"
         result = run.optimise(config.iterations, dataclasses.replace(hooks, label=label))
     except (FastNSTError, torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        message = first_line(exc)
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             message = f"out of memory with a batch of {len(ready)}; use a smaller --batch-size"
         for job in ready:

@@ -235,7 +235,7 @@ def headline(rows: list[BenchRow]) -> dict | None:
 
 def lbfgs_costs(rows: list[BenchRow]) -> list[dict]:
     """What L-BFGS costs per step beyond Adam, for every (size, mode) timed with both: the step
-    with L-BFGS minus the step with Adam (history update and two-loop product against Adam's
+    with L-BFGS minus the step with Adam (the history update and the H g product against Adam's
     moments), in seconds and as a share of the L-BFGS step."""
     timed = {(r.size, r.mode, r.optimizer): r.s_per_iter for r in rows if r.s_per_iter}
     costs = []

@@ -8,6 +8,13 @@ and an exit status.  ``exit_code`` follows the CLI's convention: 2 for bad argum
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none), for one-line
+    messages about errors raised by other libraries."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class FastNSTError(Exception):
     """Base class of every error fastnst raises on purpose."""
 

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
-from .errors import ImageError
+from .errors import ImageError, first_line
 from .files import atomic_write, check_writable
 
 # Output formats by file extension (Pillow format name).
@@ -57,12 +57,7 @@ def _read(path: Path) -> Image.Image:
     except PermissionError:
         raise ImageError(f"'{path}': permission denied") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"'{path}' is truncated or corrupt ({_one_line(exc)})") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+        raise ImageError(f"'{path}' is truncated or corrupt ({first_line(exc)})") from None
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -463,25 +463,35 @@ def launch_grouped_style_losses(xs: list[torch.Tensor], targets: list[torch.Tens
     return [layer.out for layer in layers], scratch[:batch * len(layers)].view(len(layers), batch)
 
 
+class _BackwardLayer:
+    """How one layer's D F product is launched: its (B, C, M) view, its gradient (shaped and laid
+    out like the features, in their dtype) and the program count."""
+
+    def __init__(self, d: torch.Tensor, x: torch.Tensor, scale: float):
+        self.x, self.channels, self.positions, self.strides = as_bcm(x)
+        # self.x's layout merges H and W, and empty_like keeps it; an empty layer gets no programs.
+        self.grad = new_like(self.x) if self.positions else torch.zeros_like(self.x)
+        self.grad_strides = as_bcm(self.grad)[3]
+        check_positions(self.positions)
+        self.d = d.float().contiguous()
+        self.scale = float(scale)
+        self.programs = (x.shape[0] * triton.cdiv(self.channels, BLOCK_C) * triton.cdiv(self.positions, BLOCK_M)
+                         if self.positions else 0)
+
+
 def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
                          scale_tensor: torch.Tensor | None = None) -> torch.Tensor:
     """scale * scale_tensor[b] * D_b F_b, shaped and laid out like x, in x's dtype; scale_tensor
     is (B,) fp32 contiguous (autograd's grad_out of per-sample losses) or None."""
-    xv, channels, positions, (sxb, sxc, sxm) = as_bcm(x)
-    grad = new_like(xv)  # xv's layout merges H and W, and empty_like keeps it
-    _, _, _, (sgb, sgc, sgm) = as_bcm(grad)
-    if positions == 0:
-        return grad.zero_()
-    check_positions(positions)
-    d = d.float().contiguous()
-    grid = grid_1d(x.shape[0] * triton.cdiv(channels, BLOCK_C) * triton.cdiv(positions, BLOCK_M),
-                   "the Gram backward kernel")
-    _gram_backward_kernel[grid](
-        d, xv, grad, scale_tensor if scale_tensor is not None else d, float(scale), channels, positions,
-        sxb, sxc, sxm, sgb, sgc, sgm, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_K=BACKWARD_BLOCK_K,
-        HAS_SCALE_PTR=scale_tensor is not None, DOT_FP32=_use_fp32_dot(x, backward=True), num_warps=4,
-        num_stages=3)
-    return grad
+    layer = _BackwardLayer(d, x, scale)
+    if not layer.programs:
+        return layer.grad
+    _gram_backward_kernel[grid_1d(layer.programs, "the Gram backward kernel")](
+        layer.d, layer.x, layer.grad, scale_tensor if scale_tensor is not None else layer.d, layer.scale,
+        layer.channels, layer.positions, *layer.strides, *layer.grad_strides, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M,
+        BLOCK_K=BACKWARD_BLOCK_K, HAS_SCALE_PTR=scale_tensor is not None,
+        DOT_FP32=_use_fp32_dot(layer.x, backward=True), num_warps=4, num_stages=3)
+    return layer.grad
 
 
 def launch_grouped_gram_backward(ds: list[torch.Tensor], xs: list[torch.Tensor], scales: list[float],
@@ -489,25 +499,24 @@ def launch_grouped_gram_backward(ds: list[torch.Tensor], xs: list[torch.Tensor],
     """Every layer's scales[l] * scale_tensor[l, b] * D_b F_b in one launch; scale_tensor is (L, B)
     fp32 contiguous (autograd's grad_out of the grouped losses).  Each gradient is shaped and laid
     out like its features, in their dtype."""
-    views, grads, starts = [], [], [0]
-    for x in xs:
-        xv, channels, positions, strides = as_bcm(x)
-        check_positions(positions)
-        grad = new_like(xv) if positions else torch.zeros_like(xv)  # no programs for an empty layer
-        views.append((xv, channels, positions, strides, as_bcm(grad)[3]))
-        grads.append(grad)
-        starts.append(starts[-1] + x.shape[0] * triton.cdiv(channels, BLOCK_C) * triton.cdiv(positions, BLOCK_M))
+    layers = [_BackwardLayer(d, x, scale) for d, x, scale in zip(ds, xs, scales)]
+    starts = [0]
+    for layer in layers:
+        starts.append(starts[-1] + layer.programs)
     grid = grid_1d(starts[-1], "the grouped Gram backward kernel")
 
-    def each(index, part=None):
-        return tuple(view[index] if part is None else view[index][part] for view in views)
+    def each(field):
+        return tuple(field(layer) for layer in layers)
 
     _grouped_gram_backward_kernel[grid](
-        tuple(d.float().contiguous() for d in ds), each(0), tuple(grads), scale_tensor, tuple(float(s) for s in scales),
-        tuple(starts), xs[0].shape[0], each(1), each(2), each(3, 0), each(3, 1), each(3, 2), each(4, 0), each(4, 1),
-        each(4, 2), LAYERS=len(xs), BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M, BLOCK_K=BACKWARD_BLOCK_K,
-        DOT_FP32=_use_fp32_dot(xs[0], backward=True), num_warps=4, num_stages=3)
-    return grads
+        each(lambda layer: layer.d), each(lambda layer: layer.x), each(lambda layer: layer.grad), scale_tensor,
+        each(lambda layer: layer.scale), tuple(starts), xs[0].shape[0], each(lambda layer: layer.channels),
+        each(lambda layer: layer.positions), each(lambda layer: layer.strides[0]),
+        each(lambda layer: layer.strides[1]), each(lambda layer: layer.strides[2]),
+        each(lambda layer: layer.grad_strides[0]), each(lambda layer: layer.grad_strides[1]),
+        each(lambda layer: layer.grad_strides[2]), LAYERS=len(layers), BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M,
+        BLOCK_K=BACKWARD_BLOCK_K, DOT_FP32=_use_fp32_dot(xs[0], backward=True), num_warps=4, num_stages=3)
+    return [layer.grad for layer in layers]
 
 
 class Gram(torch.autograd.Function):

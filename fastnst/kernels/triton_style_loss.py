@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ..errors import first_line
 from .reference import style_normaliser
 from .triton_gram import (as_bcm, launch_gram, launch_gram_backward, launch_grouped_gram_backward,
                           launch_grouped_style_losses)
@@ -54,7 +55,7 @@ class GroupedStyleLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layers: int, *features_and_targets: torch.Tensor) -> torch.Tensor:
         xs, targets = features_and_targets[:layers], features_and_targets[layers:]
-        scales = [style_normaliser(as_bcm(x)[1], as_bcm(x)[2]) for x in xs]
+        scales = [style_normaliser(*as_bcm(x)[1:3]) for x in xs]
         ds, losses = launch_grouped_style_losses(list(xs), list(targets), scales)
         ctx.save_for_backward(*xs, *ds)
         ctx.layers, ctx.grad_scales = layers, [4.0 * scale for scale in scales]  # 1 / (C^2 M^2)
@@ -86,14 +87,13 @@ def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor
                          "Gram; detach it or use the torch backend")
     if _grouped_works is False:
         return torch.stack([style_losses(x, target) for x, target in zip(xs, target_grams)])
-    if _grouped_works:
-        return GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
     try:
         losses = GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
-    except Exception as exc:  # compile or launch failure of the grouped kernels on this machine
+    except Exception as exc:
+        if _grouped_works:  # they ran before: this is a real error, not a missing Triton feature
+            raise
         _grouped_works = False
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"fastnst: warning: grouped style-loss kernels unavailable ({reason}); one launch per layer",
+        print(f"fastnst: warning: grouped style-loss kernels unavailable ({first_line(exc)}); one launch per layer",
               file=sys.stderr)
         return grouped_style_losses(xs, target_grams)
     _grouped_works = True
