@@ -64,7 +64,7 @@ class LBFGS:
         self.head = torch.zeros(batch, dtype=torch.long, device=device)  # slot of the next accepted pair
         self.count = torch.zeros(batch, dtype=torch.long, device=device)  # pairs held (at most m)
         self.started = torch.zeros(batch, dtype=torch.bool, device=device)
-        self._samples = torch.arange(batch, device=device)
+        self._pair_samples = torch.arange(batch, device=device).repeat(2)  # sample of each s row, then y row
         self._ages = torch.arange(m, device=device)
 
     @property
@@ -126,10 +126,9 @@ class LBFGS:
         accept = self.started & (s_dot_y > CURVATURE_EPS)
         if ok is not None:
             accept &= ok
-        samples = torch.cat([self._samples, self._samples])
         slots = torch.cat([self.head, self.head + m])
-        kept = self.pairs[samples, slots]
-        self.pairs[samples, slots] = torch.where(torch.cat([accept, accept])[:, None], torch.cat([s, y]), kept)
+        kept = self.pairs[self._pair_samples, slots]
+        self.pairs[self._pair_samples, slots] = torch.where(accept.repeat(2)[:, None], torch.cat([s, y]), kept)
         products = torch.bmm(self.pairs, self.vectors.transpose(1, 2))
         # The new pair's row and column of S'Y and Y'Y; its slot's old entries go with the old pair.
         new = (self._ages == self.head[:, None]) & accept[:, None]  # (B, m): the head slot, if accepted
@@ -165,8 +164,8 @@ class LBFGS:
         yy_u = (yy * u.mT).sum(2, keepdim=True)
         w = torch.linalg.solve_triangular(r.mT, d[:, :, None] * u + gamma * (yy_u - y_g), upper=False)
         # Back to slot order: -H g = -gamma g - S w + gamma Y u, one product over the history.
-        weights = torch.cat([torch.zeros_like(w[:, :, 0]).scatter(1, order, w[:, :, 0]),
-                             torch.zeros_like(u[:, :, 0]).scatter(1, order, -gamma[:, :, 0] * u[:, :, 0])], 1)
+        weights = torch.zeros_like(products[:, :, 0]).scatter(
+            1, torch.cat([order, order + m], 1), torch.cat([w, -gamma * u], 1)[:, :, 0])
         return -self.gamma[:, None] * self.vectors[:, 0] - torch.bmm(weights[:, None, :], self.pairs)[:, 0]
 
 
