@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import tempfile
 from pathlib import Path
 
@@ -31,10 +30,13 @@ def _rows(path) -> list[dict]:
         return []
 
 
-def lbfgs_shares(lbfgs_rows: list[dict], adam_rows: list[dict]) -> str:
-    adam = {row["size"]: row["s_per_iter"] for row in adam_rows if row["mode"] == "fast" and row["s_per_iter"]}
-    shares = [f"{row['size']} px {(row['s_per_iter'] - adam[row['size']]) / row['s_per_iter']:+.1%}"
-              for row in lbfgs_rows if row["mode"] == "fast" and row["s_per_iter"] and row["size"] in adam]
+def lbfgs_shares(path) -> str:
+    """The L-BFGS share of the fast step per size, from the merged result's ``lbfgs_cost``."""
+    try:
+        costs = json.loads(path.read_text()).get("lbfgs_cost", [])
+    except (OSError, ValueError):
+        return ""
+    shares = [f"{c['size']} px {c['share']:+.1%}" for c in costs if c["mode"] == "fast"]
     return "; L-BFGS share of the fast step: " + ", ".join(shares) if shares else ""
 
 
@@ -53,15 +55,15 @@ def summary(path) -> str:
 def merge_adam_rows(path: Path, adam_path: Path) -> None:
     """Append the Adam rows to the L-BFGS result and recompute what L-BFGS costs beyond Adam."""
     from fastnst.bench import BenchRow, lbfgs_costs
+    from fastnst.files import atomic_write
 
     document = json.loads(path.read_text())
     document["results"] += _rows(adam_path)
     fields = {f.name for f in dataclasses.fields(BenchRow)}
     rows = [BenchRow(**{k: v for k, v in row.items() if k in fields}) for row in document["results"]]
     document["lbfgs_cost"] = lbfgs_costs(rows)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(document, indent=1) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(document, indent=1) + "\n"
+    atomic_write(path, lambda stream: stream.write(text.encode()))
 
 
 def main() -> int:
@@ -81,10 +83,9 @@ def main() -> int:
     # The Adam rows go to a scratch folder first (the returned folder holds only what comes back).
     adam_json = Path(tempfile.mkdtemp()) / "adam.json"
     adam_code = fastnst_main(["bench", "--optimizers", "adam", "--modes", "fast", "--json", str(adam_json), *common])
-    lbfgs_rows = _rows(args.json)
-    if lbfgs_rows and _rows(adam_json):
+    if _rows(args.json) and _rows(adam_json):
         merge_adam_rows(args.json, adam_json)
-    figures(summary(args.json) + lbfgs_shares(lbfgs_rows, _rows(adam_json))
+    figures(summary(args.json) + lbfgs_shares(args.json)
             + (f" (bench exit {code}, {adam_code})" if code or adam_code else ""))
     return code or adam_code
 

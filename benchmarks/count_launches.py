@@ -72,16 +72,32 @@ def count(size: int, batches: list[int], optimizers: list[str], device: torch.de
     return rows
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def main() -> int:
+    from fastnst.config import OPTIMIZERS, PRECISIONS
+    from fastnst.devices import resolve_device
+    from fastnst.errors import FastNSTError
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--optimizers", nargs="+", default=["lbfgs", "adam"])
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--size", type=_positive, default=64, help="square image side in px (default: 64)")
+    parser.add_argument("--batches", type=_positive, nargs="+", default=[1, 8], help="batch sizes (default: 1 8)")
+    parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--json", type=Path, help="write the counts with device, versions and commit here")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    try:
+        device = resolve_device(args.device)
+    except FastNSTError as exc:
+        parser.error(str(exc))
+    if args.json and not args.json.parent.is_dir():
+        parser.error(f"--json: folder '{args.json.parent}' does not exist")
     rows = count(args.size, args.batches, args.optimizers, device, args.precision)
     lines = []
     for row in rows:
@@ -92,10 +108,12 @@ def main() -> int:
     print("FIGURES " + "; ".join(lines), flush=True)  # the GPU check's summary line
     if args.json:
         from fastnst.devices import run_metadata
+        from fastnst.files import atomic_write
 
         document = {"kind": "fastnst launches per step", "meta": run_metadata(),
                     "unit": "CUDA kernels" if device.type == "cuda" else "CPU leaf operators", "results": rows}
-        args.json.write_text(json.dumps(document, indent=1) + "\n")
+        text = json.dumps(document, indent=1) + "\n"
+        atomic_write(args.json, lambda stream: stream.write(text.encode()))
     return 0
 
 
