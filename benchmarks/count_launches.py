@@ -1,8 +1,8 @@
 """Launches per optimisation step, batch of 1 against batch of N: does batching add launches?
 
-A launch is a CUDA kernel on the GPU; on the CPU, a leaf operator (an ``aten::`` call that calls
-no other) that computes something, the CPU's unit of dispatched work: views, allocations and
-other metadata operators (``NO_WORK``), which launch nothing on a GPU either, are not counted.
+A launch is a CUDA kernel on the GPU; on the CPU, an operator that computes something and calls
+no other operator that does (``_works``), the CPU's unit of dispatched work: views, allocations
+and other metadata operators (``NO_WORK``), which launch nothing on a GPU either, are not counted.
 One eager step of the fast path is profiled after warm-up steps (a CUDA graph replays the same
 kernels, but hides them from the profiler), with per-sample style targets, as ``fastnst batch``
 renders them.
@@ -58,8 +58,16 @@ def launches_per_step(size: int, batch: int, optimizer: str, device: torch.devic
     events = prof.events()
     if cuda:
         return sum(1 for event in events if event.device_type == DeviceType.CUDA)
-    return sum(1 for event in events if event.name.startswith("aten::") and event.name not in NO_WORK
-               and not any(child.name.startswith("aten::") for child in event.cpu_children))
+    return sum(1 for event in events if _works(event) and not any(map(_does_work, event.cpu_children)))
+
+
+def _works(event) -> bool:
+    return event.name.startswith("aten::") and event.name not in NO_WORK
+
+
+def _does_work(event) -> bool:
+    """Whether ``event`` or anything it calls computes (a view may call a copy)."""
+    return _works(event) or any(map(_does_work, event.cpu_children))
 
 
 def count(size: int, batches: list[int], optimizers: list[str], device: torch.device, precision: str

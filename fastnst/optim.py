@@ -26,6 +26,16 @@ def state_dtype(image: torch.Tensor) -> torch.dtype:
     return torch.float64 if image.dtype == torch.float64 else torch.float32
 
 
+def _per_sample_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a[s] @ b[s] for every sample s.  On the CPU one matrix product per sample: a BLAS may take
+    another code path for a batched product than for a single one (MKL's strided batched GEMM),
+    and a sample's arithmetic must not depend on the batch around it.  Elsewhere one batched
+    product, one launch for the whole batch."""
+    if a.device.type != "cpu":
+        return torch.bmm(a, b)
+    return torch.stack([x @ y for x, y in zip(a, b)])
+
+
 class LBFGS:
     """L-BFGS, fixed step (no line search), for a batch of images (B, ...), in compact form.
 
@@ -42,11 +52,12 @@ class LBFGS:
 
         H g = gamma g + S w - gamma Y u,   u = R^-1 S'g,   w = R^-T ((D + gamma Y'Y) u - gamma Y'g).
 
-    The history is one (B, 2m, N) tensor of ring slots, read in place by two batched products per
-    step (inner products with [g, s, y], then the combination), for the whole batch at once.  The
+    The history is one (B, 2m, N) tensor of ring slots, read in place by two products per step
+    (inner products with [g, s, y], then the combination), batched over the samples on a GPU
+    (one per sample on the CPU, see ``_per_sample_matmul``).  The
     ring order lives only in the small m x m matrices S'Y and Y'Y (kept up to date one row and
     column per accepted pair), gathered into age order on the device: no image-sized row is ever
-    gathered, nothing is read back to the host, and the launches do not depend on B.
+    gathered, nothing is read back to the host, and on a GPU the launches do not depend on B.
     """
 
     def __init__(self, image: torch.Tensor, lr: float = 1.0, history: int = 20):
@@ -129,7 +140,7 @@ class LBFGS:
         slots = torch.cat([self.head, self.head + m])
         kept = self.pairs[self._pair_samples, slots]
         self.pairs[self._pair_samples, slots] = torch.where(accept.repeat(2)[:, None], torch.cat([s, y]), kept)
-        products = torch.bmm(self.pairs, self.vectors.transpose(1, 2))
+        products = _per_sample_matmul(self.pairs, self.vectors.transpose(1, 2))
         # The new pair's row and column of S'Y and Y'Y; its slot's old entries go with the old pair.
         new = (self._ages == self.head[:, None]) & accept[:, None]  # (B, m): the head slot, if accepted
         column, row, yy = products[:, :m, 2], products[:, m:, 1], products[:, m:, 2]
@@ -166,7 +177,7 @@ class LBFGS:
         # Back to slot order: -H g = -gamma g - S w + gamma Y u, one product over the history.
         weights = torch.zeros_like(products[:, :, 0]).scatter(
             1, torch.cat([order, order + m], 1), torch.cat([w, -gamma * u], 1)[:, :, 0])
-        return -self.gamma[:, None] * self.vectors[:, 0] - torch.bmm(weights[:, None, :], self.pairs)[:, 0]
+        return -self.gamma[:, None] * self.vectors[:, 0] - _per_sample_matmul(weights[:, None, :], self.pairs)[:, 0]
 
 
 class Adam:
