@@ -41,6 +41,7 @@ exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step ke
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -410,6 +411,20 @@ def _scratch(layers: list[_GramLayer], device) -> tuple[torch.Tensor, list[int],
     return torch.zeros(at, dtype=torch.float32, device=device), counters_at, workspaces_at
 
 
+def _program_ranges(layers: list, kernel: str) -> tuple[tuple[int, ...], tuple[int]]:
+    """Where each layer's programs start on the one grid axis (and where the last ends), and the
+    grid they fill together, for a grouped launch."""
+    starts = [0]
+    for layer in layers:
+        starts.append(starts[-1] + layer.programs)
+    return tuple(starts), grid_1d(starts[-1], kernel)
+
+
+def _per_layer(layers: list, field) -> tuple:
+    """One kernel argument of a grouped launch: ``field(layer)`` for every layer, as a tuple."""
+    return tuple(field(layer) for layer in layers)
+
+
 def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale: float = 0.0,
                 split: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """G (target None) or D = G - A and the per-sample losses (target given), all fp32.
@@ -442,17 +457,11 @@ def launch_grouped_style_losses(xs: list[torch.Tensor], targets: list[torch.Tens
     if any(layer.batch != batch or layer.x.dtype != layers[0].x.dtype for layer in layers):
         raise ValueError("grouped style losses need features of one batch size and dtype")
     scratch, counters_at, workspaces_at = _scratch(layers, layers[0].x.device)
-    starts = [0]
-    for layer in layers:
-        starts.append(starts[-1] + layer.programs)
-    grid = grid_1d(starts[-1], "the grouped Gram kernel")
-
-    def each(field):
-        return tuple(field(layer) for layer in layers)
-
+    starts, grid = _program_ranges(layers, "the grouped Gram kernel")
+    each = functools.partial(_per_layer, layers)
     _grouped_gram_kernel[grid](
         each(lambda layer: layer.x), each(lambda layer: layer.target), each(lambda layer: layer.out),
-        scratch, scratch.view(torch.int32), tuple(workspaces_at), tuple(counters_at), tuple(starts), batch,
+        scratch, scratch.view(torch.int32), tuple(workspaces_at), tuple(counters_at), starts, batch,
         each(lambda layer: layer.channels), each(lambda layer: layer.positions),
         each(lambda layer: layer.strides[0]), each(lambda layer: layer.strides[1]),
         each(lambda layer: layer.strides[2]), each(lambda layer: layer.target_strides[0]),
@@ -500,17 +509,11 @@ def launch_grouped_gram_backward(ds: list[torch.Tensor], xs: list[torch.Tensor],
     fp32 contiguous (autograd's grad_out of the grouped losses).  Each gradient is shaped and laid
     out like its features, in their dtype."""
     layers = [_BackwardLayer(d, x, scale) for d, x, scale in zip(ds, xs, scales)]
-    starts = [0]
-    for layer in layers:
-        starts.append(starts[-1] + layer.programs)
-    grid = grid_1d(starts[-1], "the grouped Gram backward kernel")
-
-    def each(field):
-        return tuple(field(layer) for layer in layers)
-
+    starts, grid = _program_ranges(layers, "the grouped Gram backward kernel")
+    each = functools.partial(_per_layer, layers)
     _grouped_gram_backward_kernel[grid](
         each(lambda layer: layer.d), each(lambda layer: layer.x), each(lambda layer: layer.grad), scale_tensor,
-        each(lambda layer: layer.scale), tuple(starts), xs[0].shape[0], each(lambda layer: layer.channels),
+        each(lambda layer: layer.scale), starts, xs[0].shape[0], each(lambda layer: layer.channels),
         each(lambda layer: layer.positions), each(lambda layer: layer.strides[0]),
         each(lambda layer: layer.strides[1]), each(lambda layer: layer.strides[2]),
         each(lambda layer: layer.grad_strides[0]), each(lambda layer: layer.grad_strides[1]),
