@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 OPTIMIZERS = ("lbfgs", "adam")
+LBFGS_STEPS = ("bounded", "torch")  # optim.STEP_RULES (config imports nothing heavy)
 POOLINGS = ("max", "avg")
 INITS = ("noise", "content", "style")
 BACKENDS = ("auto", "torch", "triton")
@@ -113,6 +114,10 @@ class ScheduleOptions:
                               above=0.0, maximum=1e6)
     lbfgs_history: int = option(20, "L-BFGS history length m: pairs kept, each costs 2 image-sized "
                                 "fp32 vectors", metavar="M", minimum=1, maximum=1000)
+    lbfgs_steps: str = option("bounded", "L-BFGS step rule: bounded (first step moves the largest pixel by lr/16, "
+                              "no step moves a pixel by more than lr/4, noise-like curvature pairs skipped: "
+                              "works at any loss scale) or torch (torch.optim.LBFGS without line search, "
+                              "exactly)", choices=LBFGS_STEPS)
     init: str = option("noise", "initial image: seeded noise, the content or the style image",
                        choices=INITS)
     seed: int = option(0, "random seed of the noise initialisation", metavar="N",

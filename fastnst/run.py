@@ -209,7 +209,7 @@ def build_run(runtime: Runtime, config: StyleConfig, inputs: Inputs, *, tile: in
     else:
         image = initial_image(config.init, content, styles[0], config.seed)
     image.requires_grad_(True)
-    optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history)
+    optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history, config.lbfgs_steps)
     scaler = LossScaler(runtime.device) if runtime.precision == "fp16" else None
     step = make_step(objective, optimizer, scaler)
     graphed = runtime.cuda_graph and not tile  # the one place graph capture is decided

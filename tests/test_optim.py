@@ -12,12 +12,15 @@ from fastnst.optim import LBFGS, Adam, lbfgs_state_bytes
 from fastnst.vgg import VGGFeatures, random_state_dict
 
 
-def _quadratic(n=40, seed=0):
-    """f(x) = 1/2 x^T Q x - b^T x with Q symmetric positive definite and badly conditioned."""
+def _quadratic(n=40, seed=0, solution_in_unit_range=False):
+    """f(x) = 1/2 x^T Q x - b^T x with Q symmetric positive definite and badly conditioned;
+    optionally b chosen so that the minimiser lies in [0, 1]^n, like an image's."""
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     q = (basis * torch.logspace(-2, 2, n, dtype=torch.float64)) @ basis.T
     b = torch.randn(n, generator=g, dtype=torch.float64)
+    if solution_in_unit_range:
+        b = q @ torch.rand(n, generator=g, dtype=torch.float64)
     return (lambda x: 0.5 * x @ q @ x - b @ x), torch.linalg.solve(q, b)
 
 
@@ -40,7 +43,7 @@ def _torch_lbfgs_trajectory(loss_fn, x0, steps, lr, history):
 
 def _our_trajectory(loss_fn, x0, steps, lr, history):
     x = x0.clone().unsqueeze(0).requires_grad_(True)  # a batch of one
-    opt = LBFGS(x, lr=lr, history=history)
+    opt = LBFGS(x, lr=lr, history=history, steps="torch")
     step = make_step(Autograd(lambda batch: loss_fn(batch[0])), opt)
     losses = [step(x).item() for _ in range(steps)]
     return x.detach()[0], losses
@@ -101,7 +104,7 @@ def test_lbfgs_matches_torch_on_the_style_objective():
     reference = torch.optim.LBFGS([theirs], lr=1.0, max_iter=1, history_size=5, tolerance_grad=-1.0,
                                   tolerance_change=0.0, line_search_fn=None)
     ours = theirs.detach().clone().requires_grad_(True)
-    optimizer = LBFGS(ours, lr=1.0, history=5)
+    optimizer = LBFGS(ours, lr=1.0, history=5, steps="torch")
     losses = []
     for _ in range(15):
         start = theirs.detach().clone()
@@ -152,7 +155,8 @@ def test_adam_projects_onto_the_pixel_range():
     assert x.max().item() == 1.0 and x.min().item() >= 0.0
 
 
-def test_a_batch_of_lbfgs_samples_equals_separate_runs():
+@pytest.mark.parametrize("steps", ["bounded", "torch"])
+def test_a_batch_of_lbfgs_samples_equals_separate_runs(steps):
     """Four samples, each its own problem: two convex with different curvatures, one concave
     (every curvature pair is rejected, so it keeps taking first steps) and one convex whose
     gradient changes sign of curvature half-way.  Stepped as one batch, each sample follows
@@ -170,7 +174,7 @@ def test_a_batch_of_lbfgs_samples_equals_separate_runs():
 
     def run(samples):
         x = start[samples].clone()
-        opt = LBFGS(x, history=3)
+        opt = LBFGS(x, history=3, steps=steps)
         trajectory = []
         for k in range(14):
             opt.update(x, gradient(x, k, samples))
@@ -187,3 +191,79 @@ def test_a_batch_of_lbfgs_samples_equals_separate_runs():
     finally:
         torch.set_num_threads(threads)
     assert opt.count[2] == 0 and opt.count[0] == 3  # the concave sample kept no pair, the others did
+
+
+def test_bounded_steps_size_the_first_step_from_the_pixel_range_and_bound_every_step():
+    """The first step moves the pixel of largest gradient by exactly lr/16, whatever the gradient's
+    scale (torch's would move it by 1e-9 here), and no later step moves any pixel by more than lr/4."""
+    g = torch.Generator().manual_seed(5)
+    weights = torch.rand(1, 3, 6, 7, generator=g, dtype=torch.float64) + 0.5
+    x = torch.full((1, 3, 6, 7), 0.5, dtype=torch.float64)
+    opt = LBFGS(x, lr=0.8, history=4)
+    largest = []
+    for k in range(8):
+        before = x.clone()
+        grad = 1e-9 * weights * (x - 0.1) ** 3  # a flat quartic: its secant model overshoots
+        opt.update(x, grad)
+        largest.append((x - before).abs().max().item())
+    assert largest[0] == pytest.approx(0.8 / 16, rel=1e-12)
+    assert max(largest) <= 0.8 / 4 * (1 + 1e-12)
+    assert max(largest[1:]) > 0.8 / 16  # later steps do take their own (larger) scale
+
+
+def test_bounded_steps_are_the_same_at_any_loss_scale_and_torchs_are_not():
+    """Multiplying the loss by 1e-8 changes nothing in the bounded rule (every quantity it uses is
+    scale-free) but stalls torch's rule: its first step is lr min(1, 1/|g|_1) = g itself, and the
+    pairs after it have s.y below torch's absolute 1e-10, so it never leaves unit-step gradient
+    descent, as fastnst's fp32 runs on torchvision-initialised weights did."""
+    loss_fn, solution = _quadratic(n=40, seed=4, solution_in_unit_range=True)
+    x0 = torch.full((40,), 0.5, dtype=torch.float64)
+    ours, our_losses = _bounded_trajectory(loss_fn, x0, 20)
+    scaled, scaled_losses = _bounded_trajectory(lambda x: 1e-8 * loss_fn(x), x0, 20)
+    torch.testing.assert_close(scaled, ours, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(scaled_losses) * 1e8, torch.tensor(our_losses), rtol=1e-6, atol=0)
+    # and it minimises: 99% of the way from the start's loss to the minimum
+    best = loss_fn(solution).item()
+    assert our_losses[-1] - best < 0.01 * (our_losses[0] - best)
+    _, torch_losses = _torch_lbfgs_trajectory(lambda x: 1e-8 * loss_fn(x), x0, 20, 1.0, 20)
+    assert torch_losses[-1] - 1e-8 * best > 0.99 * (torch_losses[0] - 1e-8 * best)  # torch's rule: stalled
+
+
+def _bounded_trajectory(loss_fn, x0, steps):
+    x = x0.clone().unsqueeze(0).requires_grad_(True)
+    opt = LBFGS(x, lr=1.0, history=20)
+    step = make_step(Autograd(lambda batch: loss_fn(batch[0])), opt)
+    losses = [step(x).item() for _ in range(steps)]
+    return x.detach()[0], losses
+
+
+def test_bounded_steps_skip_pairs_whose_gradient_change_is_noise():
+    """A gradient change uncorrelated with the step (rounding noise) is not curvature: the bounded
+    rule keeps no such pair (torch's keeps those with s.y > 1e-10, about half of them), while a
+    real curvature pair of the same size is kept."""
+    g = torch.Generator().manual_seed(6)
+    shape = (1, 3, 64, 64)
+    base = torch.randn(shape, generator=g, dtype=torch.float64)
+    kept = {}
+    for steps in ("bounded", "torch"):
+        x = torch.zeros(shape, dtype=torch.float64)
+        opt = LBFGS(x, history=30, steps=steps)
+        for _ in range(30):
+            noise = 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64)
+            opt.update(x, base + noise)
+        kept[steps] = int(opt.count)
+    assert kept["bounded"] == 0 and kept["torch"] >= 5
+    x = torch.zeros(shape, dtype=torch.float64)
+    opt = LBFGS(x, history=30)
+    for _ in range(3):
+        opt.update(x, base + 0.5 * x + 1e-2 * torch.randn(shape, generator=g, dtype=torch.float64))
+    assert int(opt.count) == 2
+
+
+def test_the_step_rules_are_the_configs():
+    from fastnst.config import LBFGS_STEPS
+    from fastnst.optim import STEP_RULES
+
+    assert LBFGS_STEPS == STEP_RULES
+    with pytest.raises(ValueError, match="steps must be one of"):
+        LBFGS(torch.zeros(1, 3, 2, 2), steps="wolfe")
