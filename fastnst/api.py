@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from . import color
-from .config import StyleConfig
+from .config import INITS, StyleConfig
 from .devices import resolve_device
 from .errors import ConfigError, NonFiniteLossError, RunError
 from .files import check_writable
@@ -79,9 +79,14 @@ def render(content, styles, config: StyleConfig | None = None, *,
     device = shard.device if shard is not None else resolve_device(config.device)
     tiling = _Tiling(config.tile or ("auto" if shard is not None else None),  # tiles are what processes share
                      config, device, notify)
+    if shard is not None and config.tiling_blocker() is not None:
+        raise ConfigError(f"{config.tiling_blocker()} cannot run under torchrun yet (processes share an image's tiles)")
     sources = _load(content, styles, config)
     log = _loss_log(config.log)
     runtime = resolve_runtime(config, device)
+    if config.preset == "gatys2016" and runtime.weights_format != "caffe-normalised":
+        notify(f"--preset gatys2016 on {runtime.weights_format} weights: the paper's alpha/beta belong to the "
+               f"normalised VGG19 (--weights vgg_conv.pth); expect another balance of content and style")
     reset_peak(device)
     results, tiles_used, previous, done = [], [], None, 0
     sizes = config.scale_sizes()
@@ -123,13 +128,16 @@ def render(content, styles, config: StyleConfig | None = None, *,
     graphed = runtime.cuda_graph and all(tile is None for tile in tiles_used)
     return dataclasses.replace(_merge(results[:-1] + [final]), device=str(device), precision=runtime.precision,
                                backend=runtime.backend, cuda_graph=graphed, tile=tiles_used[-1],
-                               peak_memory_bytes=peak_bytes(device))
+                               peak_memory_bytes=peak_bytes(device), weights=runtime.weights_description)
 
 
 def _load(content, styles: list, config: StyleConfig) -> _Sources:
-    """Decode every input and check each scale keeps one feature position at the deepest layer."""
+    """Decode every input and check each scale keeps one feature position at the deepest layer
+    (an --init image too, so a bad one fails before the weights load)."""
     layers = feature_layers(config)
     sources = _Sources(load_image(content), [load_image(style) for style in styles], _masks(config, len(styles)))
+    if config.init not in INITS:
+        load_image(config.init)
     for size in config.scale_sizes():
         content_image, style_images = sources.at(size, config.style_scale)
         check_fits(content_image, layers, f"content image at {size} px")
@@ -220,10 +228,13 @@ def _run_scale(runtime: Runtime, config: StyleConfig, scale: _Scale, tiling: _Ti
                 raise
         run = None
         release(runtime.device)  # after the except block, so the failed attempt's tensors can be freed
+        width, height = scale.size
         if tile is not None:
-            width, height = scale.size
             raise RunError(f"out of memory on {runtime.device} at {width}x{height} px with {tile} px tiles; use a "
                            f"smaller --tile, a lower --lbfgs-history, --optimizer adam, or a smaller --size")
+        if config.tiling_blocker() is not None:
+            raise RunError(f"out of memory on {runtime.device} at {width}x{height} px, and {config.tiling_blocker()} "
+                           f"cannot run tiled; use a lower --lbfgs-history, --optimizer adam, or a smaller --size")
         tile = tiling.after_out_of_memory(scale.size)
 
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from . import color
-from .config import BatchConfig, StyleConfig
+from .config import INITS, BatchConfig, StyleConfig
 from .errors import ConfigError, FastNSTError, ImageError, first_line
 from .images import SAVE_FORMATS, image_to_tensor, load_image, read_metadata, resized, save_image
 from .loop import Hooks
@@ -387,6 +387,8 @@ def _load_job(job: Job, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tens
     if content.size != size:
         raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
     style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale))) for s in job.styles]
+    if config.init not in INITS:
+        load_image(config.init)  # an --init image that cannot be read fails this job alone
     layers = feature_layers(config)
     check_fits(content, layers, "content image")
     for image in style_images:

@@ -259,6 +259,7 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         from .precision import precision_reason
 
         why = precision_reason(config.precision, torch.device(result.device))
+        _say(f"weights {result.weights}")
         _say(f"device {result.device}, precision {result.precision} ({why}), kernels {result.backend}, CUDA graph "
              f"{'on' if result.cuda_graph else 'off'}, {tiles}{processes}, skipped fp16 steps "
              f"{result.skipped_steps}, peak memory {memory} ({source})")

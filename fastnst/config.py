@@ -24,11 +24,39 @@ from typing import Any, TypeVar
 from .errors import ConfigError
 
 OPTIMIZERS = ("lbfgs", "adam")
+WEIGHTS_FORMATS = ("auto", "torchvision", "caffe", "caffe-normalised")  # vgg.FORMATS and auto
+STYLE_LOSSES = ("gram", "meancov")
 LBFGS_STEPS = ("bounded", "torch")  # optim.STEP_RULES (config imports nothing heavy)
 POOLINGS = ("max", "avg")
-INITS = ("noise", "content", "style")
+INITS = ("noise", "content", "style")  # or an image file
 BACKENDS = ("auto", "torch", "triton")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+# alpha and beta used when --content-weight / --style-weight are not given, by style loss and weights
+# format, so that each format gives sensible results without retuning.  Gram loss: each format's
+# network has its own activation scale, and the Gram loss grows with its 4th power, the content
+# loss with its square.  With the default per-layer weights (v_c = 2/(N M), w_l = 4/N^2, see below):
+#   torchvision:      the PyTorch tutorial's objective (alpha 1, beta 1e6);
+#   caffe:            neural-style's defaults (content weight 5, style weight 100: its losses are
+#                     these same mean squared errors of features and of Grams / (N M));
+#   caffe-normalised: Gatys et al.'s own PyTorch notebook (content mse weight 1, style weights
+#                     1e3 / N^2 on mse(G/M, A/M) = 4 E_l, i.e. beta w_l = 4e3 / N^2).
+# Mean-covariance loss: both terms grow with the square of the activations, so one ratio serves
+# every format: style-transfer-pytorch's content weight 0.015 with style weights summing to one.
+DEFAULT_LOSS_WEIGHTS = {
+    ("gram", "torchvision"): (1.0, 1e6),
+    ("gram", "caffe"): (5.0, 100.0),
+    ("gram", "caffe-normalised"): (1.0, 1e3),
+    ("meancov", "torchvision"): (0.015, 1.0),
+    ("meancov", "caffe"): (0.015, 1.0),
+    ("meancov", "caffe-normalised"): (0.015, 1.0),
+}
+
+
+def default_loss_weights(style_loss: str, weights_format: str) -> tuple[float, float]:
+    """(alpha, beta) when --content-weight / --style-weight are not given."""
+    return DEFAULT_LOSS_WEIGHTS[(style_loss, weights_format)]
+
 
 # Step size used when --lr is not given.  L-BFGS: the unit step of a quasi-Newton method
 # (torch.optim.LBFGS and neural-style use 1).  Adam: the per-step pixel change in [0, 1] units;
@@ -39,7 +67,9 @@ DEFAULT_LR = {"lbfgs": 1.0, "adam": 0.02}
 PRESETS = {
     # Gatys, Ecker & Bethge, CVPR 2016: content conv4_2; style conv1_1 .. conv5_1 with w_l = 1/5;
     # average pooling ("improves the gradient flow ... slightly more appealing results", sec. 2);
-    # white-noise initialisation; L-BFGS; alpha / beta = 1e-3 (Fig. 2 and sec. 3); v_c = 1.
+    # white-noise initialisation; L-BFGS; alpha / beta = 1e-3 (Fig. 2 and sec. 3); v_c = 1.  The
+    # paper's network is the normalised VGG19: with --weights vgg_conv.pth (recognised as
+    # caffe-normalised) this is the paper's setting; with other weights the run says so.
     "gatys2016": {
         "content_layers": ("conv4_2",),
         "style_layers": ("conv1_1", "conv2_1", "conv3_1", "conv4_1", "conv5_1"),
@@ -50,6 +80,24 @@ PRESETS = {
         "optimizer": "lbfgs",
         "content_weight": 1e-3,
         "style_weight": 1.0,
+    },
+    # style-transfer-pytorch's defaults (Crowson): Adam (step 0.02) on an image started from the
+    # content, multi-scale from 128 px up by sqrt(2), 500 iterations per scale, the output the
+    # average of the iterates (decay 0.99), the mean-covariance (Wasserstein-2) style loss with
+    # layer weights 256:64:16:4:1 summing to one, content weight 0.015 on the mean squared error.
+    # Not reproduced: its total-variation term (a 9-point stencil on means; fastnst's TV is a sum),
+    # Adam's beta2 (0.99; fastnst's is 0.999), 1000 iterations at the first scale, replicate padding.
+    "meancov-adam": {
+        "style_loss": "meancov",
+        "optimizer": "adam",
+        "lr": 0.02,
+        "average_decay": 0.99,
+        "init": "content",
+        "start_size": 128,
+        "iterations": 500,
+        "content_weight": 0.015,
+        "style_weight": 1.0,
+        "style_layer_weights": tuple(w / 341 for w in (256.0, 64.0, 16.0, 4.0, 1.0)),
     },
     # Quality per second: start from the content (the structure is there from step one), fewer
     # iterations, a shorter L-BFGS history (less memory traffic per step).  Chosen by reasoning and
@@ -97,8 +145,11 @@ class _Preset:
 
     preset: str | None = option(None, "a set of options, applied wherever an option is left at its default: "
                                 "gatys2016 = the paper exactly (conv4_2; conv1_1..conv5_1, w_l = 1/5; avg "
-                                "pooling; noise init; L-BFGS; alpha/beta = 1e-3); fast = content init, 200 "
-                                "iterations, L-BFGS history 10", choices=tuple(PRESETS))
+                                "pooling; noise init; L-BFGS; alpha/beta = 1e-3; its network is --weights "
+                                "vgg_conv.pth); meancov-adam = style-transfer-pytorch's defaults (Adam 0.02 from "
+                                "the content, multi-scale from 128 px, iterate average 0.99, mean-covariance "
+                                "style loss, layer weights 256:64:16:4:1, content weight 0.015); fast = content "
+                                "init, 200 iterations, L-BFGS history 10", choices=tuple(PRESETS))
 
 
 @dataclass
@@ -118,15 +169,19 @@ class ScheduleOptions:
                               "no step moves a pixel by more than lr/4, noise-like curvature pairs skipped: "
                               "works at any loss scale) or torch (torch.optim.LBFGS without line search, "
                               "exactly)", choices=LBFGS_STEPS)
-    init: str = option("noise", "initial image: seeded noise, the content or the style image",
-                       choices=INITS)
+    init: str = option("noise", "initial image: seeded noise, the content or the style image, or an "
+                       "image file (resized to the output)", metavar="noise|content|style|PATH")
+    average_decay: float = option(0.0, "output the exponential moving average of the iterates with this "
+                                  "decay (bias-corrected; 0 = off, 0.99 smooths over ~100 iterations)",
+                                  metavar="D", minimum=0.0, maximum=0.9999)
     seed: int = option(0, "random seed of the noise initialisation", metavar="N",
                        minimum=0, maximum=2**63 - 1)
     scales: tuple[int, ...] | None = option(None, "multi-scale: optimise at these sizes in turn, each result "
                                             "upsampled to start the next; the last is the output size "
                                             "(replaces --size)", metavar="PX", minimum=16, maximum=65536,
                                             many=True)
-    start_size: int | None = option(None, "multi-scale from this size up to --size in steps of sqrt(2)",
+    start_size: int | None = option(None, "multi-scale from this size up to --size in steps of sqrt(2) (one "
+                                    "scale when it is not below --size)",
                                     metavar="PX", minimum=16, maximum=65536)
     scale_iterations: tuple[int, ...] | None = option(None, "iterations at each scale, one value per scale "
                                                       "(default: --iterations at every scale)", metavar="N",
@@ -159,12 +214,23 @@ class ObjectiveOptions:
 
     weights: str = option("imagenet", "VGG19 weights: imagenet (torchvision, cached), random "
                           "(seeded, for tests and benchmarks) or a state-dict file", metavar="imagenet|random|PATH")
+    weights_format: str = option("auto", "what the weights expect: torchvision (RGB, ImageNet mean/std), caffe "
+                                 "(the original VGG19 converted for neural-style: BGR, 0-255, mean pixel "
+                                 "subtracted) or caffe-normalised (Gatys et al.'s vgg_conv.pth); auto recognises "
+                                 "the key layout and the published file names", choices=WEIGHTS_FORMATS)
+    style_loss: str = option("gram", "style statistics matched per layer: gram (Gatys et al.) or meancov "
+                             "(feature means and covariances, the Wasserstein-2 distance between Gaussians)",
+                             choices=STYLE_LOSSES)
+    normalize_gradients: bool = option(False, "scale each loss term's gradient at its layer by the inverse of "
+                                       "its L1 norm (neural-style's -normalize_gradients)")
     pooling: str = option("max", "VGG pooling (the paper prefers avg; max suits torchvision's weights)",
                           choices=POOLINGS)
-    content_weight: float = option(1.0, "alpha, the content loss weight", metavar="ALPHA",
-                                   minimum=0.0, maximum=1e30)
-    style_weight: float = option(1e6, "beta, the style loss weight", metavar="BETA",
-                                 minimum=0.0, maximum=1e30)
+    content_weight: float | None = option(None, "alpha, the content loss weight (default: 1 for torchvision "
+                                          "weights, 5 for caffe, 1 for caffe-normalised; 0.015 with "
+                                          "--style-loss meancov)", metavar="ALPHA", minimum=0.0, maximum=1e30)
+    style_weight: float | None = option(None, "beta, the style loss weight (default: 1e6 for torchvision "
+                                        "weights, 100 for caffe, 1e3 for caffe-normalised; 1 with "
+                                        "--style-loss meancov)", metavar="BETA", minimum=0.0, maximum=1e30)
     tv_weight: float = option(0.0, "total-variation weight (smoothness; 0 = off)", metavar="W",
                               minimum=0.0, maximum=1e30)
     content_layers: tuple[str, ...] = option(("conv4_2",), "VGG19 layers whose features carry the content",
@@ -176,7 +242,8 @@ class ObjectiveOptions:
         None, "per-content-layer weights v_c (default: 2/(N*M), the tutorial's mean squared error)",
         metavar="V", minimum=0.0, maximum=1e30, many=True)
     style_layer_weights: tuple[float, ...] | None = option(
-        None, "per-style-layer weights w_l (default: 4/N^2, the tutorial's Gram normalisation)",
+        None, "per-style-layer weights w_l (default: 4/N^2, the tutorial's Gram normalisation; "
+        "1/L with --style-loss meancov)",
         metavar="W", minimum=0.0, maximum=1e30, many=True)
     style_blend_weights: tuple[float, ...] | None = option(
         None, "relative weight of each style image (default: equal); targets are the weighted "
@@ -279,6 +346,16 @@ class StyleConfig(OutputOptions, RuntimeOptions, ObjectiveOptions, ScheduleOptio
         """The options of one concern: ScheduleOptions, ObjectiveOptions, RuntimeOptions or OutputOptions."""
         return concern(**{f.name: getattr(self, f.name) for f in dataclasses.fields(concern)})
 
+    def tiling_blocker(self) -> str | None:
+        """The option that keeps this run from being evaluated tile by tile, if any."""
+        if self.style_loss != "gram":
+            return f"--style-loss {self.style_loss}"
+        if self.normalize_gradients:
+            return "--normalize-gradients"
+        if self.content_mask or self.style_mask:
+            return "--content-mask/--style-mask"
+        return None
+
     def validate(self, n_styles: int | None = None) -> "StyleConfig":
         """Check every option before any work starts; raises ConfigError naming the valid range."""
         for f in dataclasses.fields(self):
@@ -312,14 +389,19 @@ class StyleConfig(OutputOptions, RuntimeOptions, ObjectiveOptions, ScheduleOptio
             _check_count("--style-mask", self.style_mask, n_styles, "style images")
         if (self.content_mask or self.style_mask) and self.tile is not None:
             raise ConfigError("--content-mask/--style-mask cannot be combined with --tile yet")
+        if (self.content_mask or self.style_mask) and self.style_loss != "gram":
+            raise ConfigError("--content-mask/--style-mask need --style-loss gram")
+        if self.tile is not None and self.tiling_blocker() is not None:
+            raise ConfigError(f"{self.tiling_blocker()} cannot be combined with --tile yet (it needs the whole "
+                              f"image's statistics in one pass)")
+        if not self.init:
+            raise ConfigError("--init must be noise, content, style or an image file")
         if self.tile_halo is not None and self.tile_halo % 16:
             raise ConfigError(f"--tile-halo must be a multiple of 16 px, not {self.tile_halo}")
         if self.scales is not None and self.start_size is not None:
             raise ConfigError("give --scales or --start-size, not both")
         if self.scales is not None and list(self.scales) != sorted(set(self.scales)):
             raise ConfigError("--scales must increase, e.g. 512 1024 2048")
-        if self.start_size is not None and self.start_size > self.size:
-            raise ConfigError(f"--start-size ({self.start_size}) must not exceed --size ({self.size})")
         if self.scale_iterations is not None and len(self.scale_iterations) != len(self.scale_sizes()):
             raise ConfigError(f"--scale-iterations needs one value per scale ({len(self.scale_sizes())}), "
                               f"got {len(self.scale_iterations)}")

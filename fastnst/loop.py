@@ -49,16 +49,20 @@ class RunResult:
     cuda_graph: bool = False
     tile: int | None = None  # tile size of the (last) scale, None when untiled
     peak_memory_bytes: int | None = None
+    weights: str = ""  # the weights format and why it was chosen (--verbose)
 
 
-def optimise(step: Step, image: torch.Tensor, iterations: int, hooks: Hooks) -> RunResult:
+def optimise(step: Step, image: torch.Tensor, iterations: int, hooks: Hooks,
+             output: Callable[[], torch.Tensor] | None = None) -> RunResult:
     """Run ``iterations`` steps on ``image`` (a leaf that requires grad, updated in place).
 
-    Raises NonFiniteLossError when a loss read back is NaN or infinite; it carries the last image
-    whose loss was finite.
+    ``output`` gives what checkpoints, interruptions and the result hold (default: the image; the
+    average of the iterates with --average-decay).  Raises NonFiniteLossError when a loss read back
+    is NaN or infinite; it carries the last output whose loss was finite.
     """
+    output = output or image.detach
     read_every = 1 if image.device.type == "cpu" else hooks.report_every
-    last_good = image.detach().clone()
+    last_good = output().clone()
     candidate = torch.empty_like(last_good)
     last_good_iteration, loss_value, losses, sample_losses = 0, None, [], []
     interrupted = False
@@ -72,7 +76,7 @@ def optimise(step: Step, image: torch.Tensor, iterations: int, hooks: Hooks) -> 
                 break
             read = i % read_every == 0 or i == iterations
             if read:
-                candidate.copy_(image.detach())  # the losses about to be read are this image's
+                candidate.copy_(output())  # the losses about to be read are this image's
             values = step(image)
             done = i
             bar.update(1)
@@ -91,15 +95,14 @@ def optimise(step: Step, image: torch.Tensor, iterations: int, hooks: Hooks) -> 
                 if hooks.on_loss is not None:
                     hooks.on_loss(i, loss_value)
             if hooks.checkpoint is not None and hooks.checkpoint_every and i % hooks.checkpoint_every == 0:
-                hooks.checkpoint(i, _readout(image, last_good))
+                hooks.checkpoint(i, _readout(output(), last_good))
     seconds = time.perf_counter() - started
-    return RunResult(image=_readout(image, last_good), iterations=done, loss=loss_value, seconds=seconds,
+    return RunResult(image=_readout(output(), last_good), iterations=done, loss=loss_value, seconds=seconds,
                      interrupted=interrupted, losses=losses, sample_losses=sample_losses)
 
 
-def _readout(image: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """The current image clipped to [0, 1] on the CPU; the fallback if it holds NaN or inf."""
-    current = image.detach()
+def _readout(current: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """The current output clipped to [0, 1] on the CPU; the fallback if it holds NaN or inf."""
     if not bool(torch.isfinite(current).all()):
         current = fallback
     return current.float().cpu().clamp(0, 1)

@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .config import ObjectiveOptions
+from .config import ObjectiveOptions, default_loss_weights
 from .errors import ConfigError
 from .kernels.backend import ops as kernel_ops
+from .kernels.meancov import MeanCovTarget
 from .vgg import VGGFeatures, layer_channels, layer_stride
 
 
@@ -51,6 +52,30 @@ def default_content_layer_weight(channels: int, positions: int) -> float:
 def default_style_layer_weight(channels: int) -> float:
     """w_l = 4 / N^2: turns E_l into the tutorial's MSE between Grams divided by N*M."""
     return 4.0 / channels**2
+
+
+class _NormalizedGradient(torch.autograd.Function):
+    """Identity forward; backward scales each sample's gradient to unit L1 norm times ``weight``
+    (neural-style's -normalize_gradients: the term's gradient at its layer divided by its L1 norm
+    plus 1e-8, then weighted).  The incoming gradient already carries the term's weight and any
+    fp16 loss scale, ``weight`` (the same product), so it is divided out of the norm first."""
+
+    @staticmethod
+    def forward(ctx, features: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+        ctx.weight = weight
+        return features.view_as(features)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        norm = grad.float().abs().flatten(1).sum(1) / ctx.weight  # |dE/dF|_1 per sample
+        scale = (1.0 / (norm + 1e-8)).view(-1, *([1] * (grad.dim() - 1)))  # weight dE/dF / (|dE/dF|_1 + 1e-8)
+        return (grad * scale.to(grad.dtype)), None
+
+
+def normalized_gradient(features: torch.Tensor, weight: torch.Tensor | float) -> torch.Tensor:
+    """``features`` unchanged, but the gradient reaching them through a term of weight ``weight``
+    is that term's own gradient direction, of L1 norm ``weight`` per sample."""
+    return _NormalizedGradient.apply(features, weight)
 
 
 def _mask_at(mask: torch.Tensor, stride: int) -> torch.Tensor:
@@ -133,9 +158,15 @@ class StyleObjective:
         self.style_layers = tuple(config.style_layers)
         self.content_slots = tuple(layers.index(name) for name in self.content_layers)
         self.style_slots = tuple(layers.index(name) for name in self.style_layers)
-        self.alpha = float(config.content_weight)
-        self.beta = float(config.style_weight)
+        self.style_loss = config.style_loss
+        alpha, beta = default_loss_weights(self.style_loss, getattr(network, "weights_format", "torchvision"))
+        self.alpha = float(config.content_weight if config.content_weight is not None else alpha)
+        self.beta = float(config.style_weight if config.style_weight is not None else beta)
         self.tv_weight = float(config.tv_weight)
+        self.normalize_gradients = bool(config.normalize_gradients)
+        self.loss_scale: torch.Tensor | None = None  # fp16 loss scaling in force (normalize_gradients)
+        if self.style_loss != "gram" and regions is not None:
+            raise ValueError("spatial control needs the Gram style loss")
 
         self.regions = None  # spatial control: per style, its output region at each style layer
         with torch.no_grad(), autocast():
@@ -145,6 +176,11 @@ class StyleObjective:
             if regions is not None:
                 self._masked_targets(styles, regions, style_regions or [None] * len(styles),
                                      config.style_blend_weights)
+            elif self.style_loss == "meancov":
+                targets = [self._blended_moments(own, config.style_blend_weights)
+                           for own in (styles if per_sample else [styles])]
+                self.style_targets = tuple(MeanCovTarget.stack(layer) if per_sample else layer[0]
+                                           for layer in zip(*targets))
             elif per_sample:
                 targets = [self._blended_grams(own, config.style_blend_weights, out_positions) for own in styles]
                 self.style_targets = tuple(torch.stack(layer) for layer in zip(*targets))
@@ -156,6 +192,7 @@ class StyleObjective:
             (default_content_layer_weight(p.shape[1], p[0, 0].numel()) for p in self.content_targets))
         self.style_layer_weights = tuple(
             config.style_layer_weights if config.style_layer_weights is not None else
+            (1.0 / len(self.style_layers),) * len(self.style_layers) if self.style_loss == "meancov" else
             (default_style_layer_weight(layer_channels(name)) for name in self.style_layers))
 
     def _masked_targets(self, styles, regions, style_regions, blend) -> None:
@@ -199,15 +236,46 @@ class StyleObjective:
         # Exactly symmetric, as a Gram is in exact arithmetic: the gradient formulas rely on it.
         return tuple(0.5 * (t + t.transpose(0, 1)) for t in targets)  # type: ignore[union-attr]
 
+    def _blended_moments(self, styles: Sequence[torch.Tensor], blend: Sequence[float] | None
+                         ) -> tuple[MeanCovTarget, ...]:
+        """Mean-covariance targets: the blend-weighted means and second raw moments (F F^T / M, per
+        position, so styles of any size blend), which combine linearly, unlike covariances."""
+        blend = list(blend) if blend is not None else [1.0] * len(styles)
+        total = float(sum(blend))
+        sums: list[list[torch.Tensor] | None] = [None] * len(self.style_slots)
+        for style, share in zip(styles, blend):
+            features = self.network(style)
+            for i, slot in enumerate(self.style_slots):
+                f = features[slot].float()
+                moments = [f.flatten(2).mean(2)[0] * (share / total),
+                           self.ops.gram(f)[0] * (share / total / f[0, 0].numel())]
+                sums[i] = moments if sums[i] is None else [a + b for a, b in zip(sums[i], moments)]
+        return tuple(MeanCovTarget.from_moments(mean, second) for mean, second in sums)  # type: ignore[misc]
+
+    def _at_layer(self, features: torch.Tensor, weight: float) -> torch.Tensor:
+        """A layer's features as a term of weight ``weight`` sees them: with --normalize-gradients
+        the term's gradient there is rescaled to L1 norm ``weight`` (times the fp16 loss scale)."""
+        if not self.normalize_gradients or weight == 0:  # a term of weight 0 has no gradient to scale
+            return features
+        return normalized_gradient(features, weight if self.loss_scale is None else self.loss_scale * weight)
+
     def _weighted_terms(self, image: torch.Tensor):
         """Yield (name, per-sample unweighted values (B,), weight) for every term of the loss."""
         features = self.network(image)
         for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
                                          self.content_layer_weights):
-            yield f"content:{name}", self.ops.content_losses(features[slot], target), self.alpha * v
-        if self.regions is None and self.style_slots:
+            weight = self.alpha * v
+            yield f"content:{name}", self.ops.content_losses(self._at_layer(features[slot], weight), target), weight
+        if self.style_loss == "meancov":
+            for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
+                                             self.style_layer_weights):
+                weight = self.beta * w
+                yield f"style:{name}", self.ops.meancov_losses(self._at_layer(features[slot], weight), target), weight
+        elif self.regions is None and self.style_slots:
             # All style layers at once: on Triton one launch forward and one backward for them all.
-            values = self.ops.grouped_style_losses([features[slot] for slot in self.style_slots],
+            weights = [self.beta * w for w in self.style_layer_weights]
+            values = self.ops.grouped_style_losses([self._at_layer(features[slot], weight)
+                                                    for slot, weight in zip(self.style_slots, weights)],
                                                    list(self.style_targets))
             for name, layer_values, w in zip(self.style_layers, values, self.style_layer_weights):
                 yield f"style:{name}", layer_values, self.beta * w
@@ -220,8 +288,10 @@ class StyleObjective:
                     # mask is cast to the features' dtype so a masked layer computes in the run's
                     # precision, as an unmasked one does (an all-white mask gives the unmasked run).
                     masked = features[slot] * mask.to(features[slot].dtype)
+                    weight = self.beta * w * share
                     yield (f"style:{name}:{index}",
-                           self.ops.style_losses(masked, target) * correction, self.beta * w * share)
+                           self.ops.style_losses(self._at_layer(masked, weight * correction), target) * correction,
+                           weight)
         if self.tv_weight:
             yield "tv", total_variation(image), self.tv_weight
 
@@ -238,8 +308,13 @@ class StyleObjective:
         return self.losses(image).sum()
 
     def loss_and_grad(self, image: torch.Tensor, scale: torch.Tensor | None = None):
-        """(per-sample losses (B,), gradient of their sum [times scale]) under the run's autocast."""
-        return autograd_loss_and_grad(self.losses, image, scale, self.autocast)
+        """(per-sample losses (B,), gradient of their sum [times scale]) under the run's autocast;
+        with --normalize-gradients the gradient is the normalised one (``normalized_gradient``)."""
+        self.loss_scale = scale
+        try:
+            return autograd_loss_and_grad(self.losses, image, scale, self.autocast)
+        finally:
+            self.loss_scale = None
 
     def terms(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each unweighted term summed over the batch (``content:<layer>``, ``style:<layer>``, ``tv``

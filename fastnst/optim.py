@@ -282,6 +282,36 @@ class Adam:
             image.clamp_(*self.bounds)
 
 
+class IterateAverage:
+    """The exponential moving average of the iterates, bias-corrected (as Adam's moments are):
+    after t updates with decay d, sum_k d^(t-k) (1 - d) x_k / (1 - d^t).  Its state lives on the
+    device and ``update`` reads nothing back, so it runs inside a captured step."""
+
+    def __init__(self, image: torch.Tensor, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"the decay must be in (0, 1), not {decay}")
+        self.decay = float(decay)
+        self.total = torch.zeros_like(image, dtype=state_dtype(image))
+        self.weight = torch.zeros((), device=image.device, dtype=state_dtype(image))  # 1 - d^t
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [self.total, self.weight]
+
+    def reset(self) -> None:
+        for t in self.state_tensors():
+            t.zero_()
+
+    @torch.no_grad()
+    def update(self, image: torch.Tensor) -> None:
+        self.total.mul_(self.decay).add_(image.detach(), alpha=1.0 - self.decay)
+        self.weight.mul_(self.decay).add_(1.0 - self.decay)
+
+    def value(self, image: torch.Tensor) -> torch.Tensor:
+        """The average; ``image`` itself before the first update (chosen on the device: no sync)."""
+        average = self.total / self.weight.clamp(min=torch.finfo(self.weight.dtype).tiny)
+        return torch.where(self.weight > 0, average.to(image.dtype), image.detach())
+
+
 def make_optimizer(name: str, image: torch.Tensor, lr: float, history: int, lbfgs_steps: str = "bounded"):
     if name == "lbfgs":
         return LBFGS(image, lr=lr, history=history, steps=lbfgs_steps)

@@ -30,10 +30,11 @@ from .kernels.backend import resolve as resolve_backend
 from .loop import Hooks, RunResult, Step, optimise
 from .measure import MemoryModel, peak_bytes, reset_peak
 from .objective import StyleObjective, feature_layers
-from .optim import make_optimizer
+from .images import image_to_tensor, load_image
+from .optim import IterateAverage, make_optimizer
 from .precision import LossScaler, autocast_for, resolve_precision
 from .tiling import TiledFeatures, Tiler, exact_halo
-from .vgg import VGGFeatures, layer_channels, layer_stride, load_weights
+from .vgg import VGGFeatures, layer_channels, layer_stride, load_network_weights
 
 # Noise initialisation: mid-grey plus Gaussian noise of this standard deviation, so that the
 # start is white noise (the paper's choice) yet stays inside the valid pixel range.
@@ -55,6 +56,12 @@ class Runtime(Settings):
     """The settings and the network, resolved once per render, batch option set or timing."""
 
     network: VGGFeatures
+    weights_format: str = "torchvision"  # what the network's weights expect (vgg.py)
+    weights_reason: str = ""  # why that format was chosen (--verbose)
+
+    @property
+    def weights_description(self) -> str:
+        return f"{self.weights_format} ({self.weights_reason})"
 
     @property
     def ops(self):
@@ -79,11 +86,14 @@ def resolve_runtime(config: StyleConfig, device: torch.device | None = None, *, 
     """The settings of ``config`` and its network, the one place it is built (``weights`` replaces
     the config's, e.g. ``random`` for timing; ``channels_last=False`` keeps NCHW activations)."""
     settings = resolve_settings(config, device)
-    state = load_weights(weights or config.weights, seed=RANDOM_WEIGHTS_SEED, progress=not config.quiet)
-    network = VGGFeatures(feature_layers(config), state, pooling=config.pooling, channels_last=channels_last)
+    loaded = load_network_weights(weights or config.weights, config.weights_format, seed=RANDOM_WEIGHTS_SEED,
+                                  progress=not config.quiet)
+    network = VGGFeatures(feature_layers(config), loaded.state, pooling=config.pooling, channels_last=channels_last,
+                          weights_format=loaded.format)
     if settings.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
         torch.backends.cudnn.benchmark = True  # a run's shapes never change (autotuning is not deterministic)
-    return Runtime(**vars(settings), network=network.to(settings.device))
+    return Runtime(**vars(settings), network=network.to(settings.device), weights_format=loaded.format,
+                   weights_reason=loaded.reason)
 
 
 @dataclass
@@ -100,9 +110,13 @@ class Inputs:
 
 
 def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
-    """The starting image: (1, 3, H, W), fp32, contiguous (optimisers view it flat), on content's device."""
+    """The starting image: (1, 3, H, W), fp32, contiguous (optimisers view it flat), on content's
+    device.  ``init``: noise, content, style, or an image file (resized to the content's size)."""
     if init == "content":
         return content.detach().float().clone(memory_format=torch.contiguous_format)
+    if init not in ("style", "noise"):  # an image file: resized like a style image
+        style = image_to_tensor(load_image(init)).to(content.device)
+        init = "style"
     if init == "style":
         size = content.shape[-2:]
         return F.interpolate(style.float(), size=size, mode="bilinear", antialias=True,
@@ -115,8 +129,9 @@ def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: i
     raise ValueError(f"unknown init '{init}'")
 
 
-def make_step(objective, optimizer, scaler: LossScaler | None = None) -> Step:
-    """One iteration: ``objective.loss_and_grad`` at ``image``, then the optimiser's in-place update.
+def make_step(objective, optimizer, scaler: LossScaler | None = None, average: IterateAverage | None = None) -> Step:
+    """One iteration: ``objective.loss_and_grad`` at ``image``, then the optimiser's in-place update
+    (and the iterate average's, --average-decay).
 
     With a ``scaler`` (fp16) the gradient comes from the scaled loss and a step whose gradient
     overflowed is skipped on the device.  Nothing is read back to the host, so (untiled) the step
@@ -131,6 +146,8 @@ def make_step(objective, optimizer, scaler: LossScaler | None = None) -> Step:
             grad, ok = scaler.unscale(grad)
             optimizer.update(image, grad, ok)
             scaler.update(ok)
+        if average is not None:
+            average.update(image)
         return losses
 
     return step
@@ -176,9 +193,14 @@ class Run:
     optimizer: object
     scaler: LossScaler | None
     graphed: bool
+    average: IterateAverage | None = None
+
+    def output(self) -> torch.Tensor:
+        """What the run puts out: the image, or with --average-decay the average of its iterates."""
+        return self.image.detach() if self.average is None else self.average.value(self.image)
 
     def optimise(self, iterations: int, hooks: Hooks | None = None) -> RunResult:
-        result = optimise(self.step, self.image, iterations, hooks or Hooks())
+        result = optimise(self.step, self.image, iterations, hooks or Hooks(), output=self.output)
         if self.scaler is not None:
             result.skipped_steps = int(self.scaler.skipped.item())
         return result
@@ -211,16 +233,18 @@ def build_run(runtime: Runtime, config: StyleConfig, inputs: Inputs, *, tile: in
     image.requires_grad_(True)
     optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history, config.lbfgs_steps)
     scaler = LossScaler(runtime.device) if runtime.precision == "fp16" else None
-    step = make_step(objective, optimizer, scaler)
+    average = IterateAverage(image, config.average_decay) if config.average_decay else None
+    step = make_step(objective, optimizer, scaler, average)
     graphed = runtime.cuda_graph and not tile  # the one place graph capture is decided
     if graphed:
         def reset() -> None:
-            optimizer.reset()
-            if scaler is not None:
-                scaler.reset()
+            for state in (optimizer, scaler, average):
+                if state is not None:
+                    state.reset()
 
         step = GraphedStep(step, image, reset)
-    return Run(image=image, step=step, objective=objective, optimizer=optimizer, scaler=scaler, graphed=graphed)
+    return Run(image=image, step=step, objective=objective, optimizer=optimizer, scaler=scaler, graphed=graphed,
+               average=average)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,17 +1,34 @@
-"""VGG19 feature extractor: layer names, weights (imagenet | file | random), truncation, pooling.
+"""VGG19 feature extractor: layer names, weights (imagenet | file | random) in three formats,
+truncation, pooling.
 
 The network is torchvision's ``vgg19``; only its ``features`` part is kept, cut after the deepest
 layer asked for, with every parameter frozen (style transfer never needs a weight gradient).
 A layer's feature is its rectified response, as in Gatys et al.: ``conv4_2`` and ``relu4_2``
 name the same tensor, the output of the ReLU that follows that convolution.
+
+Weights come in three formats, which differ in what input the network expects:
+
+- ``torchvision``: torchvision's ImageNet VGG19 (trained in PyTorch): RGB in [0, 1], normalised
+  by the ImageNet mean and standard deviation.
+- ``caffe``: Simonyan & Zisserman's original Caffe VGG19, converted to PyTorch for neural-style
+  (``vgg19-d01eb7cb.pth``, torchvision's key layout): BGR on a 0-255 scale minus the ImageNet mean
+  pixel (103.939, 116.779, 123.68).
+- ``caffe-normalised``: the same network with each filter rescaled so that its mean activation
+  over ImageNet is one, the one Gatys et al. used (``vgg_conv.pth``, keys ``conv1_1.weight`` ...
+  ``conv5_4.bias``), with the same Caffe preprocessing.
+
+Every format is run on the RGB image in [0, 1]: a BGR network gets its first convolution's
+input channels reversed when it is loaded, so the channel swap costs nothing per step.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.error import URLError
 
@@ -27,6 +44,37 @@ _BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (51
 # ImageNet statistics the torchvision weights were trained with (RGB in [0, 1]).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# The Caffe models' mean pixel (BGR, 0-255 scale), as published with VGG19 and used by neural-style.
+CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+
+FORMATS = ("torchvision", "caffe", "caffe-normalised")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a format's network expects, as an affine map of the RGB image in [0, 1]:
+    (image - mean) / std per RGB channel, and whether its first layer reads BGR."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    bgr: bool
+
+
+_CAFFE = Preprocessing(mean=tuple(value / 255 for value in reversed(CAFFE_MEAN_BGR)),  # type: ignore[arg-type]
+                       std=(1 / 255,) * 3, bgr=True)
+PREPROCESSING = {
+    "torchvision": Preprocessing(mean=IMAGENET_MEAN, std=IMAGENET_STD, bgr=False),
+    "caffe": _CAFFE,
+    "caffe-normalised": _CAFFE,
+}
+
+# Published file names auto-detection trusts when the key layout cannot tell (torchvision's layout
+# is shared by torchvision's own weights and the Caffe conversion).
+PUBLISHED_FILES = {
+    "vgg19-dcbb9e9d.pth": "torchvision",  # torchvision's ImageNet weights
+    "vgg19-d01eb7cb.pth": "caffe",  # the Caffe VGG19 converted for neural-style / neural-style-pt
+    "vgg_conv.pth": "caffe-normalised",  # Gatys et al.'s normalised VGG19 (PytorchNeuralStyleTransfer)
+}
 
 
 def _layer_table() -> dict[str, tuple[int, int, int]]:
@@ -132,12 +180,37 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+_NAMED_KEY = re.compile(r"conv(\d)_(\d)\.(weight|bias)")
+
+
+def is_named_layout(state: Mapping[str, object]) -> bool:
+    """Keys ``conv1_1.weight`` ... (the normalised VGG19's layout) rather than torchvision's ``N.weight``."""
+    return any(_NAMED_KEY.fullmatch(str(key)) for key in state)
+
+
+def _from_named_layout(state: Mapping[str, object]) -> dict[str, object]:
+    """``convB_I.weight`` -> ``N.weight`` (N the convolution's index in torchvision's ``features``);
+    other keys (fully connected layers) are dropped, unknown conv names kept to be refused."""
+    indexed: dict[str, object] = {}
+    for key, value in state.items():
+        match = _NAMED_KEY.fullmatch(str(key))
+        if match is None:
+            continue
+        block, position, kind = match.groups()
+        name = f"conv{block}_{position}"
+        indexed[f"{LAYERS[name][0] - 1}.{kind}" if name in LAYERS else str(key)] = value
+    return indexed
+
+
 def features_state_dict(state: Mapping[str, object], source: str) -> dict[str, torch.Tensor]:
     """Pick and validate the ``features`` weights of a VGG19 state dict.
 
-    Accepts torchvision's full vgg19 state dict (``features.N.*``; the classifier is ignored) or a
-    state dict of ``features`` alone (``N.*``).  Raises WeightsError naming the first problem.
+    Accepts torchvision's full vgg19 state dict (``features.N.*``; the classifier is ignored), a
+    state dict of ``features`` alone (``N.*``), or the named layout ``conv1_1.weight`` ...
+    ``conv5_4.bias`` (the normalised VGG19's).  Raises WeightsError naming the first problem.
     """
+    if is_named_layout(state):
+        state = _from_named_layout(state)
     prefixed = any(str(key).startswith("features.") for key in state)
     picked: dict[str, object] = {}
     for key, value in state.items():
@@ -179,24 +252,70 @@ def random_state_dict(seed: int) -> dict[str, torch.Tensor]:
 
 
 def load_weights(spec: str, seed: int = 0, progress: bool = True) -> dict[str, torch.Tensor]:
-    """The ``features`` state dict for ``imagenet``, ``random`` or a file path."""
+    """The ``features`` state dict (torchvision's index layout) for ``imagenet``, ``random`` or a file path."""
+    return load_network_weights(spec, "auto", seed, progress).state
+
+
+@dataclass(frozen=True)
+class Weights:
+    """A network's weights in torchvision's index layout, their format and why it was chosen."""
+
+    state: dict[str, torch.Tensor]
+    format: str
+    reason: str
+
+
+def load_network_weights(spec: str, weights_format: str = "auto", seed: int = 0,
+                         progress: bool = True) -> Weights:
+    """The weights for ``imagenet``, ``random`` or a file path, and their format: as given, or for
+    ``auto`` recognised by the key layout and, for torchvision's layout, the published file name."""
+    if weights_format != "auto" and weights_format not in FORMATS:
+        raise WeightsError(f"unknown weights format '{weights_format}' (use auto, {', '.join(FORMATS)})")
     if spec == "random":
-        return random_state_dict(seed)
+        state = random_state_dict(seed)
+        chosen = weights_format if weights_format != "auto" else "torchvision"
+        return Weights(state, chosen, "random weights" if weights_format == "auto" else "as given")
     if spec == "imagenet":
-        return features_state_dict(_load_imagenet(progress), f"ImageNet weights at {imagenet_cache_path()}")
-    return features_state_dict(_load_file(spec), f"weights file '{spec}'")
+        raw = _load_imagenet(progress)
+        source = f"ImageNet weights at {imagenet_cache_path()}"
+        found, reason = "torchvision", "torchvision's ImageNet weights"
+    else:
+        raw = _load_file(spec)
+        source = f"weights file '{spec}'"
+        found, reason = _recognise(Path(spec).name, raw)
+    state = features_state_dict(raw, source)
+    if weights_format != "auto":
+        return Weights(state, weights_format, "as given")
+    return Weights(state, found, reason)
+
+
+def _recognise(filename: str, state: Mapping[str, object]) -> tuple[str, str]:
+    """(format, reason) of a weights file for ``--weights-format auto``."""
+    if is_named_layout(state):
+        return "caffe-normalised", "keys conv1_1.weight ...: the normalised VGG19's layout (vgg_conv.pth)"
+    if filename in PUBLISHED_FILES:
+        return PUBLISHED_FILES[filename], f"the published file name {filename}"
+    return "torchvision", ("torchvision's key layout; a Caffe conversion under another file name needs "
+                           "--weights-format caffe")
 
 
 class VGGFeatures(nn.Module):
-    """Runs VGG19 on an RGB image in [0, 1] and returns the requested layers' features, in order."""
+    """Runs VGG19 on an RGB image in [0, 1] and returns the requested layers' features, in order;
+    ``weights_format`` says what input the weights expect (module docstring)."""
 
     def __init__(self, layers: Sequence[str], state_dict: Mapping[str, torch.Tensor], pooling: str = "max",
-                 channels_last: bool = True):
+                 channels_last: bool = True, weights_format: str = "torchvision"):
         super().__init__()
         if not layers:
             raise ValueError("at least one layer is needed")
         if pooling not in ("max", "avg"):
             raise ValueError(f"pooling must be 'max' or 'avg', not '{pooling}'")
+        if weights_format not in PREPROCESSING:
+            raise ValueError(f"weights_format must be one of {', '.join(FORMATS)}, not '{weights_format}'")
+        self.weights_format = weights_format
+        preprocessing = PREPROCESSING[weights_format]
+        if preprocessing.bgr:  # the first convolution reads BGR: reverse its input channels once
+            state_dict = {**state_dict, "0.weight": state_dict["0.weight"].flip(1)}
         self.layers = tuple(layers)
         self.indices = tuple(layer_info(name)[0] for name in self.layers)
         last = max(self.indices)
@@ -213,8 +332,8 @@ class VGGFeatures(nn.Module):
         # 0.22 vs 0.26 s per forward+backward at 256 px on this project's 2-core CPU machine.
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.features = features.to(memory_format=self.memory_format).eval().requires_grad_(False)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(1, 3, 1, 1))
         # Each requested index -> positions in the output tuple (a layer may be asked for twice,
         # e.g. conv4_2 as content and style layer).
         self._slots: dict[int, list[int]] = {}

@@ -99,13 +99,15 @@ def test_batched_renders_equal_single_renders_exactly_when_the_math_is_batch_inv
 @pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
 def test_batched_renders_match_single_renders_with_default_kernels(optimizer, contents, tmp_path):
     """oneDNN's batched convolution rounds features differently from its one-image convolution
-    (1e-5 relative), and 10 steps amplify that: measured at most 9/255 on single pixels and a mean
-    under 1/255.  Stated tolerance: max 24/255, mean 2/255.  In fp32: bf16 (auto on CPUs with
-    AVX-512 BF16 or AMX) rounds features to 2^-8 and would make the bound the processor's."""
+    (1e-5 relative), and 10 steps amplify that: with the bounded L-BFGS rule (steps of up to 1/4
+    of the pixel range, where torch's rule moved pixels by ~1e-2) measured at most 27/255 on single
+    pixels and means up to 3.3/255 (torch's rule: 9/255 and 1/255; Adam less).  Stated tolerance:
+    max 64/255, mean 6/255 (the exact equality is the test above).  In fp32: bf16 (auto on CPUs
+    with AVX-512 BF16 or AMX) rounds features to 2^-8 and would make the bound the processor's."""
     assert _batch(contents, tmp_path / "out", "--optimizer", optimizer, "--batch-size", "4",
                   "--precision", "fp32") == 0
     diffs = _differences(contents, tmp_path / "out", optimizer, precision="fp32")
-    assert max(d.max() for d in diffs) <= 24 and max(d.mean() for d in diffs) <= 2.0
+    assert max(d.max() for d in diffs) <= 64 and max(d.mean() for d in diffs) <= 6.0
 
 
 def _manifest(out: Path) -> list[dict]:

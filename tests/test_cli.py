@@ -73,6 +73,16 @@ def _bad_inputs(tmp_path: Path, content: Path, style: Path):
         "no cuda": ([str(content), str(style), "-o", str(out), "--device", "cuda:7"], "--device cuda:7"),
         "bad weights": ([str(content), str(style), "-o", str(out), "--weights", str(text)], "not a PyTorch"),
         "too small": ([str(content), str(style), "-o", str(out), "--size", "16"], "at least 16 px"),
+        "missing init": ([str(content), str(style), "-o", str(out), "--init", str(tmp_path / "no.png")],
+                         "no such file"),
+        "init not an image": ([str(content), str(style), "-o", str(out), "--init", str(text)], "not an image"),
+        "decay 1": ([str(content), str(style), "-o", str(out), "--average-decay", "1"],
+                    "--average-decay must be in [0, 0.9999]"),
+        "meancov tiled": ([str(content), str(style), "-o", str(out), "--style-loss", "meancov", "--tile", "32"],
+                          "--style-loss meancov cannot be combined with --tile"),
+        "normalised tiled": ([str(content), str(style), "-o", str(out), "--normalize-gradients", "--tile", "32"],
+                             "--normalize-gradients cannot be combined with --tile"),
+        "bad format": ([str(content), str(style), "-o", str(out), "--weights-format", "onnx"], "invalid choice"),
     }
 
 
@@ -164,3 +174,24 @@ def test_precision_graph_and_verbose_flags(tmp_path, content_path, style_path, c
     assert code == 0, err
     assert "precision bf16" in err and "CUDA graph off" in err and "peak memory" in err
     assert "process peak resident set" in err and out.exists()
+
+
+def test_quality_options_from_the_command_line(tmp_path, content_path, style_path, second_style_path, capsys):
+    """--init PATH, --average-decay, --normalize-gradients, --style-loss meancov and the presets run
+    end to end; each one's arithmetic is tested in test_meancov, test_objective and test_optim."""
+    runs = {
+        "init": ["--init", second_style_path],
+        "average": ["--average-decay", "0.99", "--save-every", "4"],
+        "normalized": ["--normalize-gradients"],
+        "meancov": ["--style-loss", "meancov"],
+        "meancov-adam": ["--preset", "meancov-adam", "--start-size", "32"],
+        "gatys2016": ["--preset", "gatys2016"],
+    }
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.png"
+        code = main(["stylize", str(content_path), str(style_path), "-o", str(out), *FAST, "--iterations", "4",
+                     *map(str, extra)])
+        err = capsys.readouterr().err
+        assert code == 0 and out.exists(), (name, err)
+    assert (tmp_path / "average_4.png").exists()
+    assert "--preset gatys2016 on torchvision weights" in err  # the last run's note

@@ -132,3 +132,35 @@ def test_auto_precision_is_bf16_with_a_graph(content_path, style_path, small_con
     result = render(content_path, style_path, small_config.replace(device="cuda", iterations=3))
     assert result.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert result.cuda_graph and result.peak_memory_bytes > 0
+
+
+@pytest.mark.parametrize("options", [
+    {"style_loss": "meancov"},
+    {"normalize_gradients": True},
+    {"average_decay": 0.9},
+    {"style_loss": "meancov", "normalize_gradients": True, "average_decay": 0.99, "optimizer": "adam"},
+], ids=["meancov", "normalize", "average", "all-adam"])
+def test_quality_options_run_in_a_cuda_graph_as_eagerly(options):
+    """Each of the peers' quality options inside a captured step: 10 graphed steps follow 10 eager
+    ones (deterministic algorithms, fp32, no TF32; tolerances as in the L-BFGS replay test above),
+    and the output (the average, with --average-decay) agrees too."""
+    outputs = {}
+    with deterministic(), no_tf32():
+        for graphed in (False, True):
+            config = StyleConfig(size=64, weights="random", precision="fp32", cuda_graph=graphed, quiet=True,
+                                 **options)
+            run = _built(config, 64, 64)
+            assert isinstance(run.step, GraphedStep) == graphed
+            losses = torch.stack([run.step(run.image).clone() for _ in range(10)])
+            torch.cuda.synchronize()
+            outputs[graphed] = (losses.double().cpu(), run.output().double().cpu())
+    (eager_losses, eager_out), (graph_losses, graph_out) = outputs[False], outputs[True]
+    assert torch.isfinite(eager_losses).all() and eager_losses[-1] < eager_losses[0]
+    torch.testing.assert_close(graph_losses, eager_losses, rtol=1e-4, atol=0)
+    assert (graph_out - eager_out).abs().max().item() <= 1e-4
+
+
+def test_init_image_runs_on_cuda(tmp_path, content_path, style_path, small_config):
+    result = render(content_path, style_path, small_config.replace(device="cuda", init=str(style_path),
+                                                                   iterations=5))
+    assert result.cuda_graph and torch.isfinite(result.image).all()

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnst import StyleConfig
+from fastnst.config import default_loss_weights
 from fastnst.objective import StyleObjective, feature_layers, total_variation
 from fastnst.vgg import VGGFeatures, random_state_dict
 
@@ -95,7 +96,8 @@ def test_default_weights_reproduce_the_pytorch_tutorial_objective():
                                     tutorial_gram(s_feats[net.layers.index(n)])) for n in config.style_layers)
         tutorial = 1e6 * style_loss + 1.0 * content_loss
         ours = objective(image)
-    assert config.content_weight == 1.0 and config.style_weight == 1e6
+    assert config.content_weight is None and config.style_weight is None  # the format's defaults:
+    assert (objective.alpha, objective.beta) == default_loss_weights("gram", "torchvision") == (1.0, 1e6)
     torch.testing.assert_close(ours, tutorial, rtol=1e-5, atol=0)
     # The folded per-layer weights, as the README states them.
     assert objective.style_layer_weights == tuple(4.0 / c**2 for c in (64, 128, 256, 512, 512))
@@ -127,3 +129,42 @@ def test_total_variation():
     image = torch.zeros(1, 3, 4, 5)
     image[..., 2, 3] = 1.0  # one bright pixel: four neighbours differ by 1, on three channels
     assert total_variation(image).item() == pytest.approx(12.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("style_loss", ["gram", "meancov"])
+def test_normalized_gradients_scale_each_terms_gradient_at_its_layer(backend, style_loss):
+    """--normalize-gradients (neural-style's): each term's gradient with respect to its layer's
+    features is divided by its L1 norm (+1e-8) per sample, then weighted, and backpropagated.  The
+    expected image gradient is built term by term with autograd; the losses are unchanged."""
+    from fastnst.kernels.backend import ops
+
+    config = StyleConfig(style_layers=("conv1_1", "conv2_1"), content_layers=("conv2_2",), style_loss=style_loss,
+                         normalize_gradients=True, content_weight=2.0, style_weight=5.0)
+    content, style, image = _images(seed=6, height=32, width=32)
+    image = torch.cat([image, image.flip(-1)])  # two samples: norms are per sample
+    net = _network(config)
+    kernels = ops("cpu", backend)
+    objective = StyleObjective(net, content.expand(2, -1, -1, -1), [style], config, ops=kernels)
+    losses, grad = objective.loss_and_grad(image.clone().requires_grad_(True))
+    plain = StyleObjective(net, content.expand(2, -1, -1, -1), [style], config.replace(normalize_gradients=False),
+                           ops=kernels)
+    torch.testing.assert_close(losses, plain.losses(image).detach())
+
+    x = image.clone().requires_grad_(True)
+    features = net(x)
+    expected = torch.zeros_like(image)
+    terms = [(features[0], lambda f: kernels.content_losses(f, objective.content_targets[0]),
+              2.0 * objective.content_layer_weights[0])]
+    for slot, target, w in zip(objective.style_slots, objective.style_targets, objective.style_layer_weights):
+        loss = kernels.meancov_losses if style_loss == "meancov" else kernels.style_losses
+        terms.append((features[slot], lambda f, loss=loss, target=target: loss(f, target), 5.0 * w))
+    for feature, term, weight in terms:
+        (direction,) = torch.autograd.grad(term(feature).sum(), feature, retain_graph=True)
+        norm = direction.abs().flatten(1).sum(1).view(-1, 1, 1, 1)
+        (part,) = torch.autograd.grad(feature, x, grad_outputs=weight * direction / (norm + 1e-8), retain_graph=True)
+        expected += part
+    # fp32; the meancov terms' 16 Newton-Schulz products round differently in the two graphs (2e-5
+    # of the largest entry measured), hence 1e-4 of it.
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    assert not torch.allclose(grad, torch.autograd.grad(plain(x), x)[0], rtol=0.1)

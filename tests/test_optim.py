@@ -267,3 +267,30 @@ def test_the_step_rules_are_the_configs():
     assert LBFGS_STEPS == STEP_RULES
     with pytest.raises(ValueError, match="steps must be one of"):
         LBFGS(torch.zeros(1, 3, 2, 2), steps="wolfe")
+
+
+def test_the_iterate_average_is_bias_corrected_and_lives_in_the_step():
+    """--average-decay: after t steps the output is sum_k d^(t-k) (1-d) x_k / (1 - d^t) of the
+    iterates x_1..x_t, the image itself before any step; checkpoints and the result hold it."""
+    from fastnst.loop import Hooks
+    from fastnst.run import Inputs, build_run, resolve_runtime
+
+    config = StyleConfig(size=32, weights="random", optimizer="adam", average_decay=0.8, device="cpu",
+                         quiet=True, style_layers=("conv1_1", "conv2_1"), content_layers=("conv2_2",))
+    g = torch.Generator().manual_seed(2)
+    content, style = torch.rand(1, 3, 32, 32, generator=g), torch.rand(1, 3, 32, 32, generator=g)
+    run = build_run(resolve_runtime(config), config, Inputs(content=content, styles=[style]))
+    assert torch.equal(run.output(), run.image.detach())
+    iterates = []
+    for _ in range(5):
+        run.step(run.image)
+        iterates.append(run.image.detach().clone())
+    d = 0.8
+    expected = sum(d ** (5 - k) * (1 - d) * x for k, x in enumerate(iterates, start=1)) / (1 - d**5)
+    torch.testing.assert_close(run.output(), expected, rtol=1e-6, atol=1e-7)
+    assert (run.output() - run.image.detach()).abs().max() > 1e-3  # not the last iterate
+    saved = {}
+    result = run.optimise(3, Hooks(progress=False, checkpoint=lambda i, image: saved.update({i: image}),
+                                   checkpoint_every=3))
+    torch.testing.assert_close(saved[3], run.output().clamp(0, 1))
+    torch.testing.assert_close(result.image, saved[3])

@@ -9,6 +9,7 @@ else ``auto``; a StyleConfig's ``backend`` overrides both for one run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -84,20 +85,23 @@ def resolve(device: torch.device | str, backend: str | None = None) -> str:
     return "triton"
 
 
-OPS = ("gram", "style_losses", "style_loss", "grouped_style_losses", "content_losses", "content_loss")
+OPS = ("gram", "style_losses", "style_loss", "grouped_style_losses", "meancov_losses", "content_losses",
+       "content_loss")
 
 
 def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespace:
     """The kernels of the backend resolved for ``device``: gram, and style/content losses per sample
     (``style_losses``, ``content_losses``: (B,)), summed over the batch (``style_loss``, ...) and
-    for several style layers at once (``grouped_style_losses``: (L, B), one launch on Triton)."""
+    for several style layers at once (``grouped_style_losses``: (L, B), one launch on Triton);
+    ``meancov_losses`` (B,), the mean-covariance loss on the backend's Gram (meancov.py)."""
     name = resolve(device, backend)
     if name == "torch":
         from . import reference as chosen
     else:
-        from . import triton_content_loss, triton_gram, triton_style_loss
+        from . import meancov, triton_content_loss, triton_gram, triton_style_loss
 
         chosen = SimpleNamespace(gram=triton_gram.gram, style_losses=triton_style_loss.style_losses,
+                                 meancov_losses=functools.partial(meancov.meancov_losses, gram=triton_gram.gram),
                                  style_loss=triton_style_loss.style_loss,
                                  grouped_style_losses=triton_style_loss.grouped_style_losses,
                                  content_losses=triton_content_loss.content_losses,

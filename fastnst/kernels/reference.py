@@ -13,6 +13,9 @@ import contextlib
 
 import torch
 
+from . import meancov
+from .meancov import MeanCovTarget
+
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
@@ -100,6 +103,11 @@ def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor
     """(L, B) fp32: the style losses of L layers at once (row l is ``style_losses(xs[l],
     target_grams[l])``); the Triton twin computes them in one launch."""
     return torch.stack([style_losses(x, target) for x, target in zip(xs, target_grams)])
+
+
+def meancov_losses(x: torch.Tensor, target: MeanCovTarget) -> torch.Tensor:
+    """(B,) mean-covariance (Wasserstein-2) style losses, meancov.py, on this module's Gram."""
+    return meancov.meancov_losses(x, target, gram)
 
 
 def content_losses(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
