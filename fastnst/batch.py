@@ -413,7 +413,8 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, ledg
     device, config = runtime.device, ready[0].config
     content = torch.cat([prepared for _, prepared, _ in loaded]).to(device)
     styles = [[style.to(device) for style in own] for _, _, own in loaded]
-    start = torch.cat([initial_image(job.config.init, content[b:b + 1], styles[b][0], job.config.seed)
+    start = torch.cat([initial_image(job.config.init, content[b:b + 1], styles[b][0], job.config.seed,
+                                     job.config.preserve_color)
                        for b, job in enumerate(ready)])
     began = time.perf_counter()
     try:

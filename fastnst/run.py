@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .config import RANDOM_WEIGHTS_SEED, ObjectiveOptions, RuntimeOptions, StyleConfig
+from . import color
+from .config import INITS, RANDOM_WEIGHTS_SEED, ObjectiveOptions, RuntimeOptions, StyleConfig
 from .devices import resolve_device
 from .kernels.backend import ops as kernel_ops
 from .kernels.backend import resolve as resolve_backend
@@ -109,13 +110,17 @@ class Inputs:
     style_regions: list | None = None
 
 
-def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int) -> torch.Tensor:
+def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int,
+                  preserve_color: str = "none") -> torch.Tensor:
     """The starting image: (1, 3, H, W), fp32, contiguous (optimisers view it flat), on content's
-    device.  ``init``: noise, content, style, or an image file (resized to the content's size)."""
+    device.  ``init``: noise, content, style, or an image file (resized to the content's size and,
+    for --preserve-color luminance, turned into its luminance as content and style are)."""
     if init == "content":
         return content.detach().float().clone(memory_format=torch.contiguous_format)
-    if init not in ("style", "noise"):  # an image file: resized like a style image
+    if init not in INITS:  # an image file: stretched like a style image
         style = image_to_tensor(load_image(init)).to(content.device)
+        if preserve_color == "luminance":
+            style = color.luminance_image(style)
         init = "style"
     if init == "style":
         size = content.shape[-2:]
@@ -126,7 +131,6 @@ def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: i
         generator = torch.Generator().manual_seed(seed)
         noise = torch.randn(content.shape, generator=generator) * NOISE_STD + NOISE_MEAN
         return noise.clamp_(0, 1).to(content.device)
-    raise ValueError(f"unknown init '{init}'")
 
 
 def make_step(objective, optimizer, scaler: LossScaler | None = None, average: IterateAverage | None = None) -> Step:
@@ -229,7 +233,7 @@ def build_run(runtime: Runtime, config: StyleConfig, inputs: Inputs, *, tile: in
         image = inputs.start.detach().to(device=content.device, dtype=torch.float32).clone(
             memory_format=torch.contiguous_format)
     else:
-        image = initial_image(config.init, content, styles[0], config.seed)
+        image = initial_image(config.init, content, styles[0], config.seed, config.preserve_color)
     image.requires_grad_(True)
     optimizer = make_optimizer(config.optimizer, image, config.step_size, config.lbfgs_history, config.lbfgs_steps)
     scaler = LossScaler(runtime.device) if runtime.precision == "fp16" else None

@@ -83,3 +83,24 @@ def test_initial_image_is_contiguous_whatever_the_content_layout():
     content = torch.rand(1, 8, 6, 3).permute(0, 3, 1, 2)  # HWC memory, like a decoded picture
     for init in ("content", "style", "noise"):
         assert initial_image(init, content, content, 0).is_contiguous()
+
+
+def test_an_image_file_as_the_start(tmp_path):
+    """--init PATH: the file stretched to the content's size (antialiased, like --init style), and
+    under --preserve-color luminance its luminance, as the content and styles then are."""
+    from PIL import Image
+
+    from fastnst.color import luminance_image
+    from fastnst.images import image_to_tensor
+
+    path = tmp_path / "start.png"
+    pixels = torch.rand(1, 3, 30, 50, generator=torch.Generator().manual_seed(4))
+    Image.fromarray((pixels[0].permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    content = torch.rand(1, 3, 24, 32)
+    start = initial_image(str(path), content, content, seed=0)
+    expected = initial_image("style", content, image_to_tensor(Image.open(path)), seed=0)
+    assert start.shape == (1, 3, 24, 32) and torch.equal(start, expected)
+    grey = initial_image(str(path), content, content, seed=0, preserve_color="luminance")
+    torch.testing.assert_close(grey, initial_image("style", content, luminance_image(image_to_tensor(
+        Image.open(path))), seed=0))
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
