@@ -181,6 +181,8 @@ def _first_line(exc: BaseException) -> str:
 
 
 _NAMED_KEY = re.compile(r"conv(\d)_(\d)\.(weight|bias)")
+_INDEX_NAMES = {f"{LAYERS[name][0] - 1}.{kind}": f"{name}.{kind}"  # "12.bias" -> "conv3_2.bias"
+                for name in LAYER_NAMES for kind in ("weight", "bias")}
 
 
 def is_named_layout(state: Mapping[str, object]) -> bool:
@@ -209,9 +211,17 @@ def features_state_dict(state: Mapping[str, object], source: str) -> dict[str, t
     state dict of ``features`` alone (``N.*``), or the named layout ``conv1_1.weight`` ...
     ``conv5_4.bias`` (the normalised VGG19's).  Raises WeightsError naming the first problem.
     """
-    if is_named_layout(state):
+    named = is_named_layout(state)
+    if named:
         state = _from_named_layout(state)
     prefixed = any(str(key).startswith("features.") for key in state)
+
+    def shown(key: str) -> str:
+        """A key as the file names it."""
+        if named:
+            return _INDEX_NAMES.get(key, key)
+        return f"features.{key}" if prefixed else key
+
     picked: dict[str, object] = {}
     for key, value in state.items():
         key = str(key)
@@ -222,19 +232,17 @@ def features_state_dict(state: Mapping[str, object], source: str) -> dict[str, t
         picked[key] = value
     for key, shape in FEATURE_SHAPES.items():
         if key not in picked:
-            shown = f"features.{key}" if prefixed else key
-            raise WeightsError(f"{source}: missing key '{shown}' (not a VGG19 checkpoint?)")
-        value = picked[key]
+            raise WeightsError(f"{source}: missing key '{shown(key)}' (not a VGG19 checkpoint?)")
+        value, label = picked[key], shown(key) if named else key
         if not isinstance(value, torch.Tensor):
-            raise WeightsError(f"{source}: '{key}' is a {type(value).__name__}, not a tensor")
+            raise WeightsError(f"{source}: '{label}' is a {type(value).__name__}, not a tensor")
         if tuple(value.shape) != shape:
             raise WeightsError(
-                f"{source}: '{key}' has shape {tuple(value.shape)}, VGG19 needs {shape}"
+                f"{source}: '{label}' has shape {tuple(value.shape)}, VGG19 needs {shape}"
             )
     for key in picked:
         if key not in FEATURE_SHAPES:
-            shown = f"features.{key}" if prefixed else key
-            raise WeightsError(f"{source}: unexpected key '{shown}' (not a VGG19 checkpoint?)")
+            raise WeightsError(f"{source}: unexpected key '{shown(key)}' (not a VGG19 checkpoint?)")
     return {key: picked[key].float() for key in FEATURE_SHAPES}  # type: ignore[union-attr]
 
 

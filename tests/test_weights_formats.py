@@ -66,7 +66,11 @@ def test_a_format_given_explicitly_wins_and_unknown_layers_are_refused(tmp_path,
     missing = _named(state)
     missing.pop("conv3_2.bias")
     torch.save(missing, path)
-    with pytest.raises(WeightsError, match="missing key '12.bias'"):
+    with pytest.raises(WeightsError, match="missing key 'conv3_2.bias'"):
+        load_network_weights(str(path))
+    wrong = {**_named(state), "conv2_1.weight": torch.zeros(3, 3)}
+    torch.save(wrong, path)
+    with pytest.raises(WeightsError, match=r"'conv2_1.weight' has shape \(3, 3\)"):
         load_network_weights(str(path))
 
 
