@@ -14,10 +14,11 @@ import torch
 # inverse-Hessian estimate indefinite.  An absolute bound depends on the problem's scale: a loss
 # of 0.4 spread over 786,432 pixel values had s.y below it on every step (see below).
 CURVATURE_EPS = 1e-10
-# fastnst's bounded rule instead skips a pair whose cosine s.y / (|s| |y|) is below NOISE_SIGMAS / sqrt(N)
-# (N values per sample): the gradient change y over a step that hardly moved the image is rounding
-# noise (bf16 gradients carry ~0.4% of it), uncorrelated with s, and the cosine of such a y with s
-# has standard deviation 1/sqrt(N) (0.0011 for a 512 px image).  Scale-free, unlike 1e-10.
+# fastnst's bounded rule instead skips a pair whose cosine s.y / (|s| |y|) is below
+# NOISE_SIGMAS / sqrt(N) (N values per sample): the gradient change y over a step that hardly moved
+# the image is rounding noise (bf16 rounds each value to 2^-8 relative), uncorrelated with s, and
+# the cosine of such a y with s has standard deviation 1/sqrt(N) (0.0011 for a 512 px image; the
+# bf16 pair that let torch's rule escape the stall below had 0.0027).  Scale-free, unlike 1e-10.
 NOISE_SIGMAS = 4.0
 # fastnst's first step (and the step after a restart) moves the pixel with the largest gradient
 # by this much (times lr), whatever the loss's scale; later steps take their scale from the
@@ -30,8 +31,8 @@ FIRST_STEP_CHANGE = 1.0 / 16
 # fastnst's rule bounds every step's largest pixel change by lr * MAX_STEP_CHANGE (a trust region
 # in the max norm, since there is no line search): the quasi-Newton model of a quartic (Gram) loss
 # fitted on small steps overshoots on large ones; unbounded, the second step of the same case at
-# 256 px changed a pixel by 25 and the loss went to 8e5.  With 1/16 and 1/4 the case goes from 0.381 to
-# 0.018 in 20 steps (a bound of 1/2: 0.009, but the loss rose on one step on the way).
+# 256 px changed a pixel by 25 and the loss went to 8e5.  With 1/16 and 1/4 the case goes from
+# 0.381 to 0.018 in 20 steps (a bound of 1/2: 0.009, but the loss rose on one step on the way).
 MAX_STEP_CHANGE = 0.25
 STEP_RULES = ("bounded", "torch")
 

@@ -132,3 +132,10 @@ def test_verbose_says_which_format_auto_picked(tmp_path, state):
                            "--verbose"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "weights caffe-normalised (keys conv1_1.weight" in done.stderr and out.exists()
+
+
+def test_the_configs_formats_are_the_networks():
+    from fastnst.config import WEIGHTS_FORMATS
+    from fastnst.vgg import FORMATS, PREPROCESSING
+
+    assert WEIGHTS_FORMATS == ("auto", *FORMATS) and set(PREPROCESSING) == set(FORMATS)
