@@ -1,6 +1,6 @@
 """The style-transfer objective: targets, computed once, and ``loss_and_grad``.
 
-    L_b = alpha * sum_c v_c * L_c  +  beta * sum_l w_l * E_l  +  tv * TV        for each sample b
+    L_b = alpha * sum_c v_c * L_c  +  beta * sum_l w_l * E_l  +  tv * TV  [+ temporal terms]   per sample b
 
 L_c = 1/2 sum (F - P)^2 (content), E_l = sum (G - A)^2 / (4 N^2 M^2) (style, normalised in
 ``kernels.reference.style_normaliser``), TV the sum of squared differences of neighbouring pixels.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,25 @@ def _mask_at(mask: torch.Tensor, stride: int) -> torch.Tensor:
     return F.avg_pool2d(mask, stride) if stride > 1 else mask
 
 
+@dataclass(frozen=True)
+class TemporalTarget:
+    """A video frame's pull towards an earlier stylised frame (Ruder et al., GCPR 2016): that frame
+    warped onto this one, the mask of pixels where the warp can be trusted, and the term's weight.
+    The term is weight * sum(mask * (x - target)^2) / D per sample, D = 3 H W values."""
+
+    target: torch.Tensor  # (B, 3, H, W)
+    mask: torch.Tensor  # (B, 1, H, W) in [0, 1]
+    weight: float
+
+
+def temporal_loss(image: torch.Tensor, temporal: TemporalTarget) -> torch.Tensor:
+    """(B,) fp32 (fp64 for fp64 images): the unweighted temporal term, the mean over the D = 3 H W
+    values of mask * (x - target)^2."""
+    wide = torch.float64 if image.dtype == torch.float64 else torch.float32
+    difference = (image.to(wide) - temporal.target.to(wide)).square() * temporal.mask.to(wide)
+    return difference.flatten(1).sum(1) / image[0].numel()
+
+
 def total_variation(image: torch.Tensor) -> torch.Tensor:
     """(B,) fp32: the sum of squared differences between vertically and horizontally adjacent pixels."""
     image = image.float()
@@ -144,7 +164,8 @@ class StyleObjective:
     def __init__(self, network: VGGFeatures, content: torch.Tensor, styles: Sequence, config: ObjectiveOptions,
                  *, ops=None, autocast=contextlib.nullcontext, features: Features | None = None,
                  regions: Sequence[torch.Tensor] | None = None,
-                 style_regions: Sequence[torch.Tensor | None] | None = None):
+                 style_regions: Sequence[torch.Tensor | None] | None = None,
+                 temporal: Sequence[TemporalTarget] = ()):
         if not styles:
             raise ValueError("at least one style image is needed")
         per_sample = isinstance(styles[0], (list, tuple))
@@ -163,6 +184,7 @@ class StyleObjective:
         self.alpha = float(config.content_weight if config.content_weight is not None else alpha)
         self.beta = float(config.style_weight if config.style_weight is not None else beta)
         self.tv_weight = float(config.tv_weight)
+        self.temporal = tuple(temporal)
         self.normalize_gradients = bool(config.normalize_gradients)
         self.loss_scale: torch.Tensor | None = None  # fp16 loss scaling in force (normalize_gradients)
         if self.style_loss != "gram" and regions is not None:
@@ -292,12 +314,22 @@ class StyleObjective:
                     yield (f"style:{name}:{index}",
                            self.ops.style_losses(self._at_layer(masked, weight * correction), target) * correction,
                            weight)
+        yield from self._image_terms(image)
+
+    def _image_terms(self, image: torch.Tensor):
+        """The terms on the image itself, no network: total variation, temporal consistency."""
         if self.tv_weight:
             yield "tv", total_variation(image), self.tv_weight
+        for index, temporal in enumerate(self.temporal):
+            yield f"temporal:{index}", temporal_loss(image, temporal), temporal.weight
 
-    def tv(self, image: torch.Tensor) -> torch.Tensor:
-        """The weighted total-variation term of each sample, (B,)."""
-        return total_variation(image) * self.tv_weight
+    @property
+    def has_image_terms(self) -> bool:
+        return bool(self.tv_weight or self.temporal)
+
+    def image_terms(self, image: torch.Tensor) -> torch.Tensor:
+        """(B,) the weighted sum of the terms on the image itself (the tiler adds them whole)."""
+        return sum(values * weight for _, values, weight in self._image_terms(image))
 
     def losses(self, image: torch.Tensor) -> torch.Tensor:
         """The loss of each sample, (B,) fp32, differentiable with respect to ``image``."""

@@ -30,7 +30,7 @@ from .kernels.backend import ops as kernel_ops
 from .kernels.backend import resolve as resolve_backend
 from .loop import Hooks, RunResult, Step, optimise
 from .measure import MemoryModel, peak_bytes, reset_peak
-from .objective import StyleObjective, feature_layers
+from .objective import StyleObjective, TemporalTarget, feature_layers
 from .images import image_to_tensor, load_image
 from .optim import IterateAverage, make_optimizer
 from .precision import LossScaler, autocast_for, resolve_precision
@@ -100,14 +100,15 @@ def resolve_runtime(config: StyleConfig, device: torch.device | None = None, *, 
 @dataclass
 class Inputs:
     """What one run optimises, on the runtime's device: a batch of content images, their styles
-    (one list shared by all samples, or one list per sample), optional start images and, for one
-    image, spatial-control masks."""
+    (one list shared by all samples, or one list per sample), optional start images, for one
+    image spatial-control masks, and for video frames their temporal targets."""
 
     content: torch.Tensor  # (B, 3, H, W)
     styles: list
     start: torch.Tensor | None = None  # (B, 3, H, W); None: the configured initialisation
     regions: list | None = None
     style_regions: list | None = None
+    temporal: tuple[TemporalTarget, ...] = ()
 
 
 def initial_image(init: str, content: torch.Tensor, style: torch.Tensor, seed: int,
@@ -217,10 +218,11 @@ def make_objective(runtime: Runtime, config: StyleConfig, inputs: Inputs, *, til
     ops, autocast = runtime.ops, runtime.autocast
     if not tile:
         return StyleObjective(runtime.network, content, styles, options, ops=ops, autocast=autocast,
-                              regions=inputs.regions, style_regions=inputs.style_regions)
+                              regions=inputs.regions, style_regions=inputs.style_regions, temporal=inputs.temporal)
     share = {} if shard is None else {"share": shard.share, "reduce": shard.reduce}
     features = TiledFeatures(runtime.network, ops, tile, config.tile_halo, autocast, **share)
-    targets = StyleObjective(runtime.network, content, styles, options, ops=ops, autocast=autocast, features=features)
+    targets = StyleObjective(runtime.network, content, styles, options, ops=ops, autocast=autocast, features=features,
+                             temporal=inputs.temporal)
     return Tiler(targets, features, content.shape[-2], content.shape[-1])
 
 

@@ -226,11 +226,11 @@ class Tiler:
         features.reduce(grad)
         features.reduce(content_loss)
         loss = content_loss + style_loss
-        if objective.tv_weight:  # on the whole image
-            tv_image = image.clone().requires_grad_(True)
-            tv = objective.tv(tv_image).sum()
-            (tv_grad,) = torch.autograd.grad(tv * scale if scale is not None else tv, tv_image)
-            grad += tv_grad
-            loss = loss + tv.detach()
+        if objective.has_image_terms:  # TV and temporal terms act on the whole image
+            whole = image.clone().requires_grad_(True)
+            terms = objective.image_terms(whole).sum()
+            (terms_grad,) = torch.autograd.grad(terms * scale if scale is not None else terms, whole)
+            grad += terms_grad
+            loss = loss + terms.detach()
         return loss.reshape(1), grad
 
