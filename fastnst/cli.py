@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from .version import __version__
-from .config import BatchConfig, BenchConfig, StyleConfig, flag_name
-from .errors import FastNSTError, NonFiniteLossError, RunError, UsageError
+from .config import BatchConfig, BenchConfig, StyleConfig, VideoConfig, flag_name
+from .errors import ConfigError, FastNSTError, NonFiniteLossError, RunError, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -131,6 +131,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(batch, BatchConfig())
     add_config_flags(batch, StyleConfig())
     batch.set_defaults(run=_batch)
+
+    video = commands.add_parser(
+        "video", help="stylise a video (or a folder of frames) without flicker",
+        description="Stylise every frame of INPUT (a video file or a folder of frames) in order; each frame "
+                    "starts from the previous result warped along the optical flow and is held to it where "
+                    "the flow can be trusted (Ruder et al. 2016).  OUTPUT with a video extension (.mp4 .mov "
+                    ".mkv .webm .avi) is encoded at the input's frame rate with its audio; any other OUTPUT "
+                    "is a folder of numbered frames.  Frames go to a work folder with a manifest: a rerun "
+                    "skips finished frames, Ctrl-C keeps them.")
+    video.add_argument("input", metavar="INPUT", help="video file or folder of frames")
+    video.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    video.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                       help="video file (.mp4 .mov .mkv .webm .avi) or folder of frames")
+    add_config_flags(video, VideoConfig())
+    add_config_flags(video, StyleConfig())
+    video.set_defaults(run=_video)
 
     plan = commands.add_parser(
         "plan", help="predicted peak memory and s/iter, untiled and tiled, and the tile --tile auto picks",
@@ -263,6 +279,38 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         _say(f"device {result.device}, precision {result.precision} ({why}), kernels {result.backend}, CUDA graph "
              f"{'on' if result.cuda_graph else 'off'}, {tiles}{processes}, skipped fp16 steps "
              f"{result.skipped_steps}, peak memory {memory} ({source})")
+    return 0
+
+
+def _video(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .files import check_writable
+    from .video import is_video_path, render_video, work_folder
+
+    settings = config_from_args(VideoConfig, args).validate()
+    config = config_from_args(StyleConfig, args)
+    config.validate(n_styles=len(args.styles))
+    if config.scales or config.start_size:
+        raise ConfigError("video renders each frame at --size; --scales/--start-size are not supported")
+    output = Path(args.output)
+    if is_video_path(output):
+        check_writable(output, ConfigError)
+    elif output.exists() and not output.is_dir():
+        raise ConfigError(f"'{output}' exists and is not a folder (give a video extension for a video file)")
+    with _InterruptFlag() as stop:
+        summary = render_video(args.input, list(args.styles), output, config, settings, should_stop=stop,
+                               progress=not config.quiet)
+    mean = summary.mean_consistency
+    if summary.interrupted:
+        _say(f"interrupted after {summary.frames} frames; {summary.rendered} rendered now are kept in "
+             f"{work_folder(output)} (rerun the same command to continue)")
+        return stop.code
+    if not config.quiet:
+        rate = summary.rendered / summary.seconds if summary.seconds else 0.0
+        consistency = f", consistency error {mean:.4f}" if mean is not None else ""
+        _say(f"wrote {output} ({summary.frames} frames, {summary.rendered} rendered, {summary.skipped} already "
+             f"done, {rate:.2f} frames/s{consistency})")
     return 0
 
 

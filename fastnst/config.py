@@ -520,6 +520,31 @@ class BenchConfig:
 
 
 @dataclass
+class VideoConfig:
+    """Options of ``fastnst video`` beyond the stylisation options (StyleConfig)."""
+
+    temporal_weight: float = option(100.0, "weight of the temporal term holding each frame to the previous "
+                                    "stylised frames warped along the optical flow (0 = independent frames)",
+                                    metavar="W", minimum=0.0, maximum=1e30)
+    temporal_frames: tuple[int, ...] = option((1,), "earlier frames each frame is held to, as offsets (1 = the "
+                                              "previous frame; e.g. 1,2,4 adds long-term targets)", metavar="J",
+                                              minimum=1, maximum=100, many=True)
+    fps: float | None = option(None, "frame rate of the output (default: the input video's; 25 for a folder "
+                               "of frames)", metavar="FPS", above=0.0, maximum=1000.0)
+    force: bool = option(False, "render frames again even if the manifest says they are done")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.temporal_frames, (list, int)):
+            self.temporal_frames = tuple(self.temporal_frames) if isinstance(self.temporal_frames, list) \
+                else (self.temporal_frames,)
+
+    def validate(self) -> "VideoConfig":
+        for f in dataclasses.fields(self):
+            _check_field(f, getattr(self, f.name))
+        return self
+
+
+@dataclass
 class BatchConfig:
     """Options of ``fastnst batch`` beyond the stylisation options (which StyleConfig holds and
     every job inherits unless its line in --jobs overrides them)."""

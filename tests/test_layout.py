@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "fastnst"
-FRONT_ENDS = {"api", "batch", "bench", "plan"}
+FRONT_ENDS = {"api", "batch", "bench", "plan", "video"}
 
 
 @cache
@@ -97,7 +97,7 @@ def test_one_place_builds_the_network_resolves_precision_and_decides_graph_captu
     assert _callers("VGGFeatures") == {"run"}
     assert _callers("resolve_precision") == {"run"}
     assert _callers("GraphedStep", "CUDAGraph") == {"run"}
-    assert _callers("resolve_runtime") <= {"run", "api", "batch", "bench"}
+    assert _callers("resolve_runtime") <= {"run", "api", "batch", "bench", "video"}
 
 
 def test_no_private_names_are_imported_across_modules():

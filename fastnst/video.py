@@ -1,0 +1,317 @@
+"""``fastnst video``: stylised video frames that do not flicker (Ruder, Dosovitskiy & Brox, GCPR 2016).
+
+Frames are read one at a time (PyAV for video files, or a folder of images), stylised in order and
+written as numbered PNG frames into a work folder with a manifest, then, for a video output,
+encoded with the input's frame rate and its audio copied.  Frame i starts from frame i-1's result
+warped along the optical flow, and temporal terms hold it to the warped results of frames i-j
+(``--temporal-frames``, default 1) where the flow can be trusted; ``--temporal-weight 0`` renders
+independent frames.  Flow (OpenCV's DIS, CPU) for the next frame is computed in a thread while
+the current one renders.  Each frame is one run of the run builder (``run.build_run``), so every
+stylize option that applies to one image applies here (weights, presets, colour control, tiles);
+multi-scale schedules do not.  A rerun skips the frames the manifest lists; Ctrl-C keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from . import color, flow
+from .config import StyleConfig, VideoConfig
+from .errors import ConfigError, FastNSTError, ImageError
+from .files import atomic_write
+from .images import image_to_tensor, load_image, resized, save_image
+from .loop import Hooks
+from .objective import TemporalTarget, check_fits, feature_layers
+from .run import Inputs, Runtime, build_run, resolve_runtime
+
+# Output extensions written as video files, and the encoder each uses (all in PyAV's wheels).
+VIDEO_CODECS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264",
+                ".webm": "libvpx-vp9", ".avi": "mpeg4"}
+FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+FOLDER_RATE = Fraction(25)  # frames per second of a folder of frames unless --fps says otherwise
+MANIFEST = "manifest.jsonl"
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("video files need PyAV: pip install av (or pip install 'fastnst[video]'), "
+                          "or give a folder of frames") from None
+    return av
+
+
+@dataclass
+class Clip:
+    """The frames of INPUT, read lazily: a video file's first video stream, or a folder's images."""
+
+    path: Path
+    rate: Fraction
+    files: list[Path] | None = None  # a folder's frames, in order
+
+    @property
+    def count(self) -> int | None:
+        if self.files is not None:
+            return len(self.files)
+        with _av().open(str(self.path)) as container:
+            frames = container.streams.video[0].frames
+        return frames or None
+
+    def frames(self) -> Iterator[Image.Image]:
+        if self.files is not None:
+            for path in self.files:
+                yield load_image(path)
+            return
+        with _av().open(str(self.path)) as container:
+            for frame in container.decode(video=0):
+                yield frame.to_image().convert("RGB")
+
+
+def _natural_key(path: Path) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def open_clip(path: str | Path, fps: float | None) -> Clip:
+    """The clip at ``path``; InputError-like ImageError for what cannot be read, in one line."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS), key=_natural_key)
+        if not files:
+            raise ImageError(f"'{path}' holds no frames ({', '.join(FRAME_EXTENSIONS)})")
+        return Clip(path, Fraction(fps).limit_denominator(1001) if fps else FOLDER_RATE, files)
+    if not path.exists():
+        raise ImageError(f"'{path}': no such file or folder")
+    av = _av()
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise ImageError(f"'{path}' has no video stream")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or FOLDER_RATE
+    except av.error.FFmpegError as exc:
+        raise ImageError(f"'{path}' is not a video file FFmpeg can read ({exc.strerror or exc})") from None
+    return Clip(path, Fraction(fps).limit_denominator(1001) if fps else Fraction(rate))
+
+
+def is_video_path(output: str | Path) -> bool:
+    return Path(output).suffix.lower() in VIDEO_CODECS
+
+
+def work_folder(output: str | Path) -> Path:
+    """Where the frames and the manifest go: OUTPUT itself for frames, OUTPUT.frames for a video."""
+    output = Path(output)
+    return output.with_name(output.name + ".frames") if is_video_path(output) else output
+
+
+@dataclass
+class VideoSummary:
+    frames: int = 0  # frames in the clip seen so far
+    rendered: int = 0
+    skipped: int = 0  # already in the manifest
+    interrupted: bool = False
+    seconds: float = 0.0
+    consistency: list[float] = field(default_factory=list)  # per frame after the first
+
+    @property
+    def mean_consistency(self) -> float | None:
+        return sum(self.consistency) / len(self.consistency) if self.consistency else None
+
+
+def _frame_name(index: int) -> str:
+    return f"frame_{index + 1:06d}.png"
+
+
+def _done(folder: Path) -> dict[int, dict]:
+    """Frames the manifest lists whose file exists (index -> record)."""
+    done = {}
+    manifest = folder / MANIFEST
+    if manifest.exists():
+        for line in manifest.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: that frame is rendered again
+            if (folder / record.get("file", "")).exists():
+                done[int(record["frame"])] = record
+    return done
+
+
+class _Flows:
+    """Flows between the current content frame and the earlier ones, computed one frame ahead in a
+    thread (DIS runs on the CPU while the device renders)."""
+
+    def __init__(self, offsets: tuple[int, ...]):
+        self.offsets = offsets
+        self.pool = ThreadPoolExecutor(max_workers=1)
+
+    def submit(self, history: dict[int, torch.Tensor], index: int, content: torch.Tensor):
+        pairs = {j: history[index - j] for j in self.offsets if index - j in history}
+        return self.pool.submit(lambda: {j: (flow.optical_flow(earlier, content), flow.optical_flow(content, earlier))
+                                         for j, earlier in pairs.items()})
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _temporal_targets(flows: dict, outputs: dict[int, torch.Tensor], index: int, weight: float,
+                      device: torch.device, preserve_color: str) -> tuple[tuple[TemporalTarget, ...], dict]:
+    """The temporal targets of frame ``index`` (long-term masks made disjoint, Ruder et al. eq. 6:
+    a pixel counts for the nearest earlier frame that sees it) and the masks by offset."""
+    targets, masks, covered = [], {}, None
+    for j in sorted(flows):
+        forward, backward = flows[j]
+        mask = flow.consistency_mask(forward, backward)
+        masks[j] = mask
+        own = mask if covered is None else (mask - covered).clamp(min=0)
+        covered = mask if covered is None else (covered + mask).clamp(max=1)
+        warped = flow.warp(outputs[index - j].to(device), backward.to(device))
+        if preserve_color == "luminance":
+            warped = color.luminance_image(warped)
+        targets.append(TemporalTarget(warped, own.to(device)[None, None], weight))
+    return tuple(targets), masks
+
+
+def render_video(source: str | Path, styles: list, output: str | Path, config: StyleConfig,
+                 settings: VideoConfig, *, should_stop: Callable[[], bool] = lambda: False,
+                 progress: bool = True, runtime: Runtime | None = None) -> VideoSummary:
+    """Stylise every frame of ``source`` into ``output`` (module docstring)."""
+    clip = open_clip(source, settings.fps)
+    folder = work_folder(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {} if settings.force else _done(folder)
+    runtime = runtime or resolve_runtime(config)
+    layers = feature_layers(config)
+    style_images = [load_image(s) for s in styles]
+    # Flow to the previous frame is always computed: the consistency metric needs it, also for
+    # independent frames (--temporal-weight 0), against which the temporal term is judged.
+    offsets = tuple(sorted(set(settings.temporal_frames) | {1})) if settings.temporal_weight else (1,)
+    flows = _Flows(offsets)
+    contents: dict[int, torch.Tensor] = {}  # original content frames kept for the flows
+    outputs: dict[int, torch.Tensor] = {}  # stylised frames kept for the warps
+    summary, size, started = VideoSummary(), None, time.perf_counter()
+    keep = max(offsets, default=1)
+    frames = clip.frames()
+    bar = tqdm(total=clip.count, unit="frame", desc="video", disable=not progress, dynamic_ncols=True)
+    try:
+        current = next(frames, None)
+        index, pending = 0, None
+        while current is not None:
+            if should_stop():
+                summary.interrupted = True
+                break
+            frame = resized(current, config.size)
+            if size is None:
+                size = frame.size
+                check_fits(frame, layers, "video frame")
+                scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
+            elif frame.size != size:
+                raise ImageError(f"frame {index + 1} of '{source}' is {current.size[0]}x{current.size[1]} px; "
+                                 f"the first was another size (every frame must have the first's size)")
+            content = image_to_tensor(frame)
+            contents[index] = content
+            if pending is None:
+                pending = flows.submit(contents, index, content)
+            upcoming = next(frames, None)
+            next_pending = None
+            if upcoming is not None and frame.size == resized(upcoming, config.size).size:
+                contents_ahead = {**contents, index + 1: image_to_tensor(resized(upcoming, config.size))}
+                next_pending = flows.submit(contents_ahead, index + 1, contents_ahead[index + 1])
+            frame_flows = pending.result()
+            if index in done:
+                outputs[index] = image_to_tensor(Image.open(folder / done[index]["file"]).convert("RGB"))
+                summary.skipped += 1
+            else:
+                outputs[index] = _render_frame(runtime, config, content, scaled_styles,
+                                               frame_flows if settings.temporal_weight else {}, outputs,
+                                               index, settings.temporal_weight)
+                record = {"frame": index, "file": _frame_name(index)}
+                if 1 in frame_flows:
+                    forward, backward = frame_flows[1]
+                    error = flow.consistency_error(outputs[index], outputs[index - 1], backward,
+                                                   flow.consistency_mask(forward, backward))
+                    record["consistency"] = round(error, 6)
+                    summary.consistency.append(error)
+                save_image(outputs[index], folder / _frame_name(index))
+                with open(folder / MANIFEST, "a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                summary.rendered += 1
+            summary.frames += 1
+            bar.update(1)
+            for old in [k for k in contents if k <= index - keep]:
+                contents.pop(old, None)
+                outputs.pop(old, None)
+            current, pending, index = upcoming, next_pending, index + 1
+    finally:
+        bar.close()
+        flows.close()
+    summary.seconds = time.perf_counter() - started
+    if not summary.interrupted and is_video_path(output):
+        encode(folder, summary.frames, clip, Path(output))
+    return summary
+
+
+def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, styles: list[Image.Image],
+                  frame_flows: dict, outputs: dict[int, torch.Tensor], index: int, weight: float) -> torch.Tensor:
+    """One frame: start from the previous result warped (if temporal), temporal targets, optimise."""
+    device = runtime.device
+    original = content.to(device)
+    prepared, style_tensors = color.prepare_inputs(config.preserve_color, original,
+                                                   [image_to_tensor(s).to(device) for s in styles])
+    temporal, start = (), None
+    if frame_flows:
+        temporal, _ = _temporal_targets(frame_flows, outputs, index, weight, device, config.preserve_color)
+        start = temporal[0].target if 1 in frame_flows else None
+    tile = int(config.tile) if config.tile and config.tile != "auto" else None
+    run = build_run(runtime, config, Inputs(content=prepared, styles=style_tensors, start=start, temporal=temporal),
+                    tile=tile)
+    result = run.optimise(config.iterations, Hooks(progress=False, report_every=config.report_every))
+    return color.finish(config.preserve_color, result.image, content)
+
+
+def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
+    """The frames of ``folder`` as ``output`` (its extension's codec, the clip's frame rate), with
+    the clip's audio streams copied; written next to ``output`` and renamed into place."""
+    av = _av()
+
+    def write(stream) -> None:
+        with av.open(stream, "w", format=_container_format(output)) as out:
+            video = out.add_stream(VIDEO_CODECS[output.suffix.lower()], rate=clip.rate)
+            first = Image.open(folder / _frame_name(0))
+            video.width, video.height = first.size[0] // 2 * 2, first.size[1] // 2 * 2
+            video.pix_fmt = "yuv420p"
+            audio_in = None
+            if clip.files is None:
+                audio_in = av.open(str(clip.path))
+                copies = {s.index: out.add_stream_from_template(s) for s in audio_in.streams.audio}
+            for index in range(count):
+                with Image.open(folder / _frame_name(index)) as image:
+                    picture = image.convert("RGB").crop((0, 0, video.width, video.height))
+                for packet in video.encode(av.VideoFrame.from_image(picture)):
+                    out.mux(packet)
+            for packet in video.encode():
+                out.mux(packet)
+            if audio_in is not None:
+                for packet in audio_in.demux(*audio_in.streams.audio):
+                    if packet.dts is None:
+                        continue
+                    packet.stream = copies[packet.stream.index]
+                    out.mux(packet)
+                audio_in.close()
+
+    atomic_write(output, write, error=FastNSTError)
+
+
+def _container_format(output: Path) -> str:
+    return {".mkv": "matroska", ".m4v": "mp4", ".mov": "mov", ".webm": "webm", ".avi": "avi"}.get(
+        output.suffix.lower(), "mp4")

@@ -1,0 +1,135 @@
+"""``fastnst video``: temporal consistency on a clip with known motion, video files in and out
+(frame rate and audio kept), resuming, and bad input."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastnst import StyleConfig
+from fastnst.cli import main
+from fastnst.config import VideoConfig
+from fastnst.images import image_to_tensor, load_image, resized, save_image
+from fastnst.video import open_clip, render_video, work_folder
+
+from .conftest import EXAMPLES
+
+pytest.importorskip("cv2")
+
+STYLE = str(EXAMPLES / "starry_night.jpg")
+FAST = ["--weights", "random", "--size", "64", "--iterations", "10", "--device", "cpu", "--quiet"]
+
+
+def _translating_clip(folder: Path, frames: int = 6) -> Path:
+    """Tübingen moving 3 px right and 2 px down per frame, 64 x 48 frames as PNG files."""
+    folder.mkdir()
+    photo = image_to_tensor(resized(load_image(EXAMPLES / "tubingen.jpg"), 120))
+    for k in range(frames):
+        save_image(photo[..., 20 - 2 * k:68 - 2 * k, 30 - 3 * k:94 - 3 * k], folder / f"f{k}.png")
+    return folder
+
+
+def _consistency(folder: Path) -> float:
+    values = [json.loads(line).get("consistency") for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values)
+
+
+def test_the_temporal_term_halves_the_flicker_of_independent_frames(tmp_path, capsys):
+    """The issue's criterion, from the command line: the consistency error (mean absolute
+    difference between each stylised frame and the previous one warped by the flow, over trusted
+    pixels) with the temporal term on is at most half of independent per-frame renders'."""
+    clip = _translating_clip(tmp_path / "clip")
+    assert main(["video", str(clip), STYLE, "-o", str(tmp_path / "temporal"), *FAST]) == 0
+    assert main(["video", str(clip), STYLE, "-o", str(tmp_path / "independent"), *FAST,
+                 "--temporal-weight", "0"]) == 0
+    temporal, independent = _consistency(tmp_path / "temporal"), _consistency(tmp_path / "independent")
+    assert temporal <= 0.5 * independent, (temporal, independent)
+    assert sorted(p.name for p in (tmp_path / "temporal").glob("*.png")) == [f"frame_{i:06d}.png" for i in
+                                                                          range(1, 7)]
+
+
+def _video_with_audio(path: Path, frames: int = 12, rate: int = 12) -> Path:
+    """A 12-frame H.264 clip at 12 fps with one second of a 440 Hz AAC tone."""
+    av = pytest.importorskip("av")
+    photo = np.asarray(resized(load_image(EXAMPLES / "tubingen.jpg"), 96).crop((0, 0, 64, 48)))
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=rate)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        audio = out.add_stream("aac", rate=44100)
+        for k in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.roll(photo, 2 * k, axis=1).copy(), format="rgb24")
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for packet in video.encode():
+            out.mux(packet)
+        tone = (0.2 * np.sin(2 * np.pi * 440 * np.arange(44100) / 44100)).astype(np.float32)
+        for start in range(0, 44100, 1024):
+            chunk = av.AudioFrame.from_ndarray(tone[None, start:start + 1024], format="fltp", layout="mono")
+            chunk.sample_rate = 44100
+            chunk.pts = start
+            for packet in audio.encode(chunk):
+                out.mux(packet)
+        for packet in audio.encode():
+            out.mux(packet)
+    return path
+
+
+def test_a_video_file_round_trips_with_its_rate_and_audio(tmp_path):
+    av = pytest.importorskip("av")
+    source = _video_with_audio(tmp_path / "in.mp4")
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(source), STYLE, "-o", str(out), *FAST, "--iterations", "3"]) == 0
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        assert Fraction(stream.average_rate) == 12
+        assert sum(1 for _ in container.decode(video=0)) == 12
+    with av.open(str(out)) as container:
+        assert len(container.streams.audio) == 1
+        assert sum(1 for packet in container.demux(audio=0) if packet.size) > 10
+    assert (work_folder(out) / "manifest.jsonl").exists()
+
+
+def test_an_interrupted_clip_resumes_without_rendering_finished_frames(tmp_path):
+    clip = _translating_clip(tmp_path / "clip", frames=7)
+    config = StyleConfig(weights="random", size=64, iterations=3, device="cpu", quiet=True)
+    out = tmp_path / "out"
+    rendered = []
+
+    def stop_after_five() -> bool:
+        rendered[:] = sorted(out.glob("frame_*.png"))
+        return len(rendered) >= 5
+
+    first = render_video(clip, [STYLE], out, config, VideoConfig(), should_stop=stop_after_five, progress=False)
+    assert first.interrupted and first.rendered == 5
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("frame_*.png")}
+    second = render_video(clip, [STYLE], out, config, VideoConfig(), progress=False)
+    assert not second.interrupted and second.skipped == 5 and second.rendered == 2
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in out.glob("frame_*.png") if p.name in stamps)
+    assert len(list(out.glob("frame_*.png"))) == 7
+
+
+def test_bad_inputs_are_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    odd = _translating_clip(tmp_path / "odd", frames=2)
+    save_image(torch.rand(1, 3, 30, 30), odd / "f9.png")
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video\n")
+    cases = {
+        "empty folder": ([str(empty)], "holds no frames"),
+        "missing": ([str(tmp_path / "nope.mp4")], "no such file"),
+        "not a video": ([str(text)], "not a video file"),
+        "odd sizes": ([str(odd)], "every frame must have the first's size"),
+    }
+    for name, (args, message) in cases.items():
+        code = main(["video", *args, STYLE, "-o", str(tmp_path / f"out-{name}"), *FAST])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
+    with pytest.raises(Exception, match="no such file"):
+        open_clip(tmp_path / "absent", None)
