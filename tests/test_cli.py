@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from fastnst.cli import build_parser, checkpoint_path, config_flag, config_from_args, main
-from fastnst.config import BatchConfig, BenchConfig, StyleConfig
+from fastnst.config import BatchConfig, BenchConfig, StyleConfig, VideoConfig
 
 from .conftest import random_image
 
@@ -145,7 +145,8 @@ def test_version_and_help_exit_zero(argv, capsys):
 
 def test_readme_documents_every_flag():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for f in (*dataclasses.fields(StyleConfig), *dataclasses.fields(BatchConfig), *dataclasses.fields(BenchConfig)):
+    for f in (*dataclasses.fields(StyleConfig), *dataclasses.fields(BatchConfig), *dataclasses.fields(BenchConfig),
+              *dataclasses.fields(VideoConfig)):
         assert f"`{config_flag(f)}" in readme, config_flag(f)
     assert 'pip install -e ".[test]" && pytest' in readme
 

@@ -26,7 +26,7 @@ from PIL import Image
 import fastnst
 from fastnst import batch, vgg
 from fastnst.cli import config_flag, main
-from fastnst.config import BatchConfig, BenchConfig, StyleConfig
+from fastnst.config import BatchConfig, BenchConfig, StyleConfig, VideoConfig
 from fastnst.errors import FastNSTError, ImageError
 from fastnst.images import load_image
 
@@ -264,7 +264,9 @@ def test_every_numeric_flag_rejects_out_of_range_values_before_work(tmp_path, ca
     monkeypatch.setattr("fastnst.run.load_network_weights", no_work)
     monkeypatch.setattr("fastnst.batch.run_batch", no_work)
     monkeypatch.setattr("fastnst.bench.bench_rows", no_work)
+    monkeypatch.setattr("fastnst.video.render_video", no_work)
     commands = {
+        VideoConfig: ["video", str(CONTENT), str(STYLE), "-o", str(tmp_path / "v")],
         StyleConfig: ["stylize", str(CONTENT), str(STYLE), "-o", str(tmp_path / "o.png")],
         BatchConfig: ["batch", "--content", str(CONTENT), "--style", str(STYLE), "--out", str(tmp_path / "b")],
         BenchConfig: ["bench", "--device", "cpu"],

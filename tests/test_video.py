@@ -121,7 +121,16 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
     save_image(torch.rand(1, 3, 30, 30), odd / "f9.png")
     text = tmp_path / "notes.mp4"
     text.write_text("not a video\n")
+    av = pytest.importorskip("av")
+    sound = tmp_path / "sound.m4a"
+    with av.open(str(sound), "w") as out:
+        audio = out.add_stream("aac", rate=44100)
+        chunk = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        chunk.sample_rate, chunk.pts = 44100, 0
+        for packet in [*audio.encode(chunk), *audio.encode()]:
+            out.mux(packet)
     cases = {
+        "no video stream": ([str(sound)], "has no video stream"),
         "empty folder": ([str(empty)], "holds no frames"),
         "missing": ([str(tmp_path / "nope.mp4")], "no such file"),
         "not a video": ([str(text)], "not a video file"),
