@@ -33,7 +33,8 @@ from .files import atomic_write
 from .images import image_to_tensor, load_image, resized, save_image
 from .loop import Hooks
 from .objective import TemporalTarget, check_fits, feature_layers
-from .run import Inputs, Runtime, build_run, resolve_runtime
+from .measure import auto_tile, free_bytes
+from .run import Inputs, Runtime, build_run, calibrate, resolve_runtime
 
 # Output extensions written as video files, and the encoder each uses (all in PyAV's wheels).
 VIDEO_CODECS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264",
@@ -215,6 +216,9 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
                 size = frame.size
                 check_fits(frame, layers, "video frame")
                 scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
+                for image in scaled_styles:
+                    check_fits(image, layers, "style image")
+                tile = _tile(runtime, config, size)
             elif frame.size != size:
                 raise ImageError(f"frame {index + 1} of '{source}' is {current.size[0]}x{current.size[1]} px; "
                                  f"the first was another size (every frame must have the first's size)")
@@ -234,7 +238,7 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
             else:
                 outputs[index] = _render_frame(runtime, config, content, scaled_styles,
                                                frame_flows if settings.temporal_weight else {}, outputs,
-                                               index, settings.temporal_weight)
+                                               index, settings.temporal_weight, tile)
                 record = {"frame": index, "file": _frame_name(index)}
                 if 1 in frame_flows:
                     forward, backward = frame_flows[1]
@@ -261,8 +265,21 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     return summary
 
 
+def _tile(runtime: Runtime, config: StyleConfig, size: tuple[int, int]) -> int | None:
+    """The frames' tile size: --tile N, or for auto the planner's choice for this frame size (None:
+    untiled), decided once for the clip."""
+    if config.tile is None:
+        return None
+    if config.tile != "auto":
+        return int(config.tile)
+    free = free_bytes(runtime.device)
+    width, height = size
+    return None if free is None else auto_tile(calibrate(config, runtime.device), height, width, free)
+
+
 def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, styles: list[Image.Image],
-                  frame_flows: dict, outputs: dict[int, torch.Tensor], index: int, weight: float) -> torch.Tensor:
+                  frame_flows: dict, outputs: dict[int, torch.Tensor], index: int, weight: float,
+                  tile: int | None) -> torch.Tensor:
     """One frame: start from the previous result warped (if temporal), temporal targets, optimise."""
     device = runtime.device
     original = content.to(device)
@@ -272,7 +289,6 @@ def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, 
     if frame_flows:
         temporal, _ = _temporal_targets(frame_flows, outputs, index, weight, device, config.preserve_color)
         start = temporal[0].target if 1 in frame_flows else None
-    tile = int(config.tile) if config.tile and config.tile != "auto" else None
     run = build_run(runtime, config, Inputs(content=prepared, styles=style_tensors, start=start, temporal=temporal),
                     tile=tile)
     result = run.optimise(config.iterations, Hooks(progress=False, report_every=config.report_every))

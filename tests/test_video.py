@@ -142,3 +142,13 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
         assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
     with pytest.raises(Exception, match="no such file"):
         open_clip(tmp_path / "absent", None)
+
+
+def test_tiled_frames_and_luminance_control(tmp_path):
+    """Stylize options reach every frame: tiles (the temporal term is added on the whole image, as
+    TV is) and --preserve-color luminance (temporal targets in the luminance the run works on)."""
+    clip = _translating_clip(tmp_path / "clip", frames=3)
+    for name, extra in (("tiled", ["--tile", "32"]), ("luminance", ["--preserve-color", "luminance"])):
+        out = tmp_path / name
+        assert main(["video", str(clip), STYLE, "-o", str(out), *FAST, "--iterations", "3", *extra]) == 0, name
+        assert len(list(out.glob("frame_*.png"))) == 3
