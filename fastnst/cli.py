@@ -303,8 +303,8 @@ def _video(args: argparse.Namespace) -> int:
                                progress=not config.quiet)
     mean = summary.mean_consistency
     if summary.interrupted:
-        _say(f"interrupted after {summary.frames} frames; {summary.rendered} rendered now are kept in "
-             f"{work_folder(output)} (rerun the same command to continue)")
+        _say(f"interrupted; every finished frame (and, with --mode multipass, pass) is kept in "
+             f"{work_folder(output)}: rerun the same command to continue")
         return stop.code
     if not config.quiet:
         rate = summary.rendered / summary.seconds if summary.seconds else 0.0

@@ -531,6 +531,14 @@ class VideoConfig:
                                               minimum=1, maximum=100, many=True)
     fps: float | None = option(None, "frame rate of the output (default: the input video's; 25 for a folder "
                                "of frames)", metavar="FPS", above=0.0, maximum=1000.0)
+    mode: str = option("sequential", "sequential (each frame after the previous: best consistency) or multipass "
+                       "(windows of frames optimised as one batch, then passes alternating direction that pull "
+                       "neighbours together; --iterations is split over the passes)",
+                       choices=("sequential", "multipass"))
+    passes: int = option(4, "multipass: passes after the first (independent) one", metavar="P",
+                         minimum=1, maximum=100)
+    window: int = option(8, "multipass: frames optimised together as one batch", metavar="N",
+                         minimum=1, maximum=1024)
     force: bool = option(False, "render frames again even if the manifest says they are done")
 
     def __post_init__(self) -> None:

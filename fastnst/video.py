@@ -34,7 +34,7 @@ from .images import image_to_tensor, load_image, resized, save_image
 from .loop import Hooks
 from .objective import TemporalTarget, check_fits, feature_layers
 from .measure import auto_tile, free_bytes
-from .run import Inputs, Runtime, build_run, calibrate, resolve_runtime
+from .run import Inputs, Runtime, build_run, calibrate, initial_image, resolve_runtime
 
 # Output extensions written as video files, and the encoder each uses (all in PyAV's wheels).
 VIDEO_CODECS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264",
@@ -190,8 +190,11 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     clip = open_clip(source, settings.fps)
     folder = work_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
-    done = {} if settings.force else _done(folder)
     runtime = runtime or resolve_runtime(config)
+    if settings.mode == "multipass":
+        return _render_multipass(clip, source, styles, Path(output), folder, config, settings, should_stop,
+                                 progress, runtime)
+    done = {} if settings.force else _done(folder)
     layers = feature_layers(config)
     style_images = [load_image(s) for s in styles]
     # Flow to the previous frame is always computed: the consistency metric needs it, also for
@@ -331,3 +334,154 @@ def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
 def _container_format(output: Path) -> str:
     return {".mkv": "matroska", ".m4v": "mp4", ".mov": "mov", ".webm": "webm", ".avi": "avi"}.get(
         output.suffix.lower(), "mp4")
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-pass: windows of frames optimised as one batch, passes alternating direction
+
+
+def _pass_iterations(config: StyleConfig, passes: int) -> list[int]:
+    """--iterations split over 1 + passes passes: half in the first (independent) pass, the rest
+    evenly over the others (each at least 1)."""
+    first = max(1, config.iterations // 2)
+    rest = max(1, (config.iterations - first) // max(passes, 1))
+    return [first] + [rest] * passes
+
+
+def _save_tensor(image: torch.Tensor, path: Path) -> None:
+    atomic_write(path, lambda stream: torch.save(image.detach().cpu().to(torch.float16).clone(), stream),
+                 error=FastNSTError)
+
+
+def _load_tensor(path: Path) -> torch.Tensor:
+    return torch.load(path, map_location="cpu", weights_only=True).float()
+
+
+def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Path, config: StyleConfig,
+                      settings: VideoConfig, should_stop: Callable[[], bool], progress: bool,
+                      runtime: Runtime) -> VideoSummary:
+    """Ruder et al.'s multi-pass scheme, batched: the first pass renders every frame independently,
+    a window of ``--window`` frames per batch; each later pass, alternating forward and backward,
+    starts every frame from a blend of its own last result and its pass-direction neighbour's last
+    result warped onto it (where the flow is trusted) and holds it to that warped neighbour.  Within
+    a pass the frames of a window use the previous pass's neighbours, so they are independent and
+    run as one batch (Jacobi-style; Ruder et al. go frame by frame).  Results of every pass are kept
+    as fp16 tensors in the work folder, so a rerun resumes at the first unfinished (pass, window)."""
+    layers = feature_layers(config)
+    summary, started = VideoSummary(), time.perf_counter()
+    contents_folder = folder / "content"
+    contents_folder.mkdir(exist_ok=True)
+    style_images = [load_image(s) for s in styles]
+    size = None
+    for index, image in enumerate(clip.frames()):  # the content frames, resized, once
+        frame = resized(image, config.size)
+        if size is None:
+            size = frame.size
+            check_fits(frame, layers, "video frame")
+        elif frame.size != size:
+            raise ImageError(f"frame {index + 1} of '{source}' is {image.size[0]}x{image.size[1]} px; the first "
+                             f"was another size (every frame must have the first's size)")
+        path = contents_folder / f"{index:06d}.pt"
+        if not path.exists():
+            _save_tensor(image_to_tensor(frame), path)
+        summary.frames = index + 1
+    count = summary.frames
+    scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
+    for image in scaled_styles:
+        check_fits(image, layers, "style image")
+    tile = _tile(runtime, config, size)
+    iterations = _pass_iterations(config, settings.passes)
+    content = lambda i: _load_tensor(contents_folder / f"{i:06d}.pt")  # noqa: E731
+    result_path = lambda p, i: folder / f"pass{p}" / f"{i:06d}.pt"  # noqa: E731
+    windows = [list(range(start, min(start + settings.window, count))) for start in range(0, count, settings.window)]
+    bar = tqdm(total=len(iterations) * count, unit="frame", desc="video (passes)", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for p, steps in enumerate(iterations):
+            (folder / f"pass{p}").mkdir(exist_ok=True)
+            direction = 1 if p % 2 else -1  # pass 1 forward (neighbour i - 1), pass 2 backward, ...
+            for window in windows:
+                if should_stop():
+                    summary.interrupted = True
+                    return summary
+                if not settings.force and all(result_path(p, i).exists() for i in window):
+                    summary.skipped += len(window) if p == len(iterations) - 1 else 0
+                    bar.update(len(window))
+                    continue
+                starts, temporal = None, ()
+                if p > 0:
+                    starts, temporal = _pass_inputs(window, direction, count, content,
+                                                    lambda i: _load_tensor(result_path(p - 1, i)), settings,
+                                                    config.preserve_color)
+                results = _render_window(runtime, config, [content(i) for i in window], scaled_styles,
+                                         starts, temporal, steps, tile)
+                for i, image in zip(window, results):
+                    _save_tensor(image, result_path(p, i))
+                summary.rendered += len(window) if p == len(iterations) - 1 else 0
+                bar.update(len(window))
+    finally:
+        bar.close()
+    last = len(iterations) - 1
+    records, previous = [], None
+    for i in range(count):  # the final frames, their consistency, the manifest
+        image = _load_tensor(result_path(last, i))
+        save_image(image, folder / _frame_name(i))
+        record = {"frame": i, "file": _frame_name(i), "pass": last}
+        if previous is not None:
+            earlier, now = content(i - 1), content(i)
+            forward, backward = flow.optical_flow(earlier, now), flow.optical_flow(now, earlier)
+            error = flow.consistency_error(image, previous, backward, flow.consistency_mask(forward, backward))
+            record["consistency"] = round(error, 6)
+            summary.consistency.append(error)
+        records.append(json.dumps(record))
+        previous = image
+    text = ("\n".join(records) + "\n").encode()
+    atomic_write(folder / MANIFEST, lambda stream: stream.write(text), error=FastNSTError)
+    summary.seconds = time.perf_counter() - started
+    if is_video_path(output):
+        encode(folder, count, clip, output)
+    return summary
+
+
+def _pass_inputs(window: list[int], direction: int, count: int, content: Callable[[int], torch.Tensor],
+                 previous: Callable[[int], torch.Tensor], settings: VideoConfig, preserve_color: str):
+    """Starts (B, 3, H, W) and one batched temporal target for a later pass: each frame's last
+    result blended half and half with its neighbour's warped onto it where the flow is trusted, and
+    the warped neighbour as the target (mask 0 for a frame without a neighbour in this direction)."""
+    starts, targets, masks = [], [], []
+    for i in window:
+        own = previous(i)
+        n = i - direction
+        if 0 <= n < count:
+            now, other = content(i), content(n)
+            forward, backward = flow.optical_flow(other, now), flow.optical_flow(now, other)
+            mask = flow.consistency_mask(forward, backward)[None, None]
+            warped = flow.warp(previous(n), backward)
+        else:
+            mask, warped = torch.zeros(1, 1, *own.shape[-2:]), own
+        starts.append(mask * (0.5 * own + 0.5 * warped) + (1 - mask) * own)
+        targets.append(warped)
+        masks.append(mask)
+    starts, targets = torch.cat(starts), torch.cat(targets)
+    if preserve_color == "luminance":
+        starts, targets = color.luminance_image(starts), color.luminance_image(targets)
+    return starts, (TemporalTarget(targets, torch.cat(masks), settings.temporal_weight),)
+
+
+def _render_window(runtime: Runtime, config: StyleConfig, contents: list[torch.Tensor], styles: list[Image.Image],
+                   starts: torch.Tensor | None, temporal: tuple, iterations: int,
+                   tile: int | None) -> list[torch.Tensor]:
+    """A window of frames as one batch (shared styles), each its own sample; results in output space."""
+    device = runtime.device
+    originals = torch.cat(contents)
+    prepared, style_tensors = color.prepare_inputs(config.preserve_color, originals.to(device),
+                                                   [image_to_tensor(s).to(device) for s in styles])
+    if starts is None:  # the first pass: each frame from the configured start, as a single render would
+        starts = torch.cat([initial_image(config.init, prepared[b:b + 1], style_tensors[0], config.seed,
+                                          config.preserve_color) for b in range(len(contents))])
+    temporal = tuple(TemporalTarget(t.target.to(device), t.mask.to(device), t.weight) for t in temporal)
+    run = build_run(runtime, config, Inputs(content=prepared, styles=style_tensors, start=starts.to(device),
+                                             temporal=temporal), tile=tile)
+    result = run.optimise(iterations, Hooks(progress=False, report_every=config.report_every))
+    finished = color.finish(config.preserve_color, result.image, originals)
+    return [finished[b:b + 1] for b in range(len(contents))]

@@ -152,3 +152,30 @@ def test_tiled_frames_and_luminance_control(tmp_path):
         out = tmp_path / name
         assert main(["video", str(clip), STYLE, "-o", str(out), *FAST, "--iterations", "3", *extra]) == 0, name
         assert len(list(out.glob("frame_*.png"))) == 3
+
+
+def test_multipass_batches_windows_and_pulls_neighbours_together(tmp_path):
+    """--mode multipass: the first pass renders windows of frames as batches (independent frames),
+    later passes pull each frame towards its warped neighbour; the result is more consistent than
+    independent frames, and an interrupted run resumes at its first unfinished window."""
+    clip = _translating_clip(tmp_path / "clip")
+    config = StyleConfig(weights="random", size=64, iterations=20, device="cpu", quiet=True)
+    settings = VideoConfig(mode="multipass", window=3, passes=2)
+    out = tmp_path / "multi"
+    calls = []
+
+    def stop_in_the_second_pass() -> bool:
+        calls.append(1)
+        return len(calls) > 3  # pass 0: two windows; pass 1: one window, then stop
+
+    first = render_video(clip, [STYLE], out, config, settings, should_stop=stop_in_the_second_pass, progress=False)
+    assert first.interrupted
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "pass0").glob("*.pt")}
+    assert len(stamps) == 6 and len(list((out / "pass1").glob("*.pt"))) == 3
+    second = render_video(clip, [STYLE], out, config, settings, progress=False)
+    assert not second.interrupted and second.frames == 6
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert len(list(out.glob("frame_*.png"))) == 6
+    independent = tmp_path / "independent"
+    render_video(clip, [STYLE], independent, config, VideoConfig(temporal_weight=0), progress=False)
+    assert _consistency(out) < 0.8 * _consistency(independent), (_consistency(out), _consistency(independent))
