@@ -531,6 +531,9 @@ class VideoConfig:
                                               minimum=1, maximum=100, many=True)
     fps: float | None = option(None, "frame rate of the output (default: the input video's; 25 for a folder "
                                "of frames)", metavar="FPS", above=0.0, maximum=1000.0)
+    flow: str = option("dis", "optical flow: dis (OpenCV's DIS on the CPU, no weights) or raft (torchvision's "
+                       "RAFT on the device; its weights are downloaded once into the torch hub cache)",
+                       choices=("dis", "raft"))
     mode: str = option("sequential", "sequential (each frame after the previous: best consistency) or multipass "
                        "(windows of frames optimised as one batch, then passes alternating direction that pull "
                        "neighbours together; --iterations is split over the passes)",

@@ -7,7 +7,8 @@ of the grid they are defined on):
 
 - ``optical_flow(a, b)`` is the flow from frame a to frame b: a's pixel p shows the same point as
   b's pixel p + flow(p).  Computed by OpenCV's DIS (dense inverse search) on the CPU: no weights,
-  a few milliseconds per 512 px frame.
+  a few milliseconds per 512 px frame; or by torchvision's RAFT on the device (``--flow raft``),
+  whose weights are fetched once like VGG19's.
 - ``warp(image, flow)`` samples ``image`` at p + flow(p): with the flow from the *new* frame to the
   previous one it carries the previous frame onto the new frame's grid.
 - ``consistency_mask(forward, backward)``: 1 where the new frame's pixel is seen in the previous
@@ -16,11 +17,17 @@ of the grid they are defined on):
 
 from __future__ import annotations
 
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from urllib.error import URLError
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError
+from .errors import ConfigError, WeightsError, first_line
 
 # Ruder et al. (2016), section 3.2: a pixel is occluded where the forward flow, carried back along
 # the backward flow, does not cancel it: |w~ + w^|^2 > 0.01 (|w~|^2 + |w^|^2) + 0.5, and on a
@@ -36,18 +43,76 @@ def _grey_uint8(image: torch.Tensor) -> np.ndarray:
     return (luma * 255).round().to(torch.uint8).numpy()
 
 
-def optical_flow(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """(H, W, 2) fp32 flow from frame ``a`` to frame ``b`` (RGB in [0, 1], same size) by DIS."""
+def optical_flow(a: torch.Tensor, b: torch.Tensor, method: str = "dis",
+                 device: torch.device | None = None) -> torch.Tensor:
+    """(H, W, 2) fp32 flow (on the CPU) from frame ``a`` to frame ``b`` (RGB in [0, 1], same size):
+    by DIS (OpenCV, CPU) or by RAFT (torchvision's pretrained raft_large, on ``device``)."""
+    if a.shape[-2:] != b.shape[-2:]:
+        raise ValueError(f"frames of different sizes: {tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
+    if method == "raft":
+        return _raft_flow(a, b, device or torch.device("cpu"))
+    if method != "dis":
+        raise ValueError(f"unknown flow method '{method}' (use {', '.join(FLOWS)})")
     try:
         import cv2
     except ImportError:
         raise ConfigError("optical flow needs OpenCV: pip install opencv-python-headless "
                           "(or pip install 'fastnst[video]')") from None
-    if a.shape[-2:] != b.shape[-2:]:
-        raise ValueError(f"frames of different sizes: {tuple(a.shape[-2:])} and {tuple(b.shape[-2:])}")
     dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
     flow = dis.calc(_grey_uint8(a), _grey_uint8(b), None)
     return torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32))
+
+
+FLOWS = ("dis", "raft")
+# RAFT's refinement iterations (torchvision's default).
+RAFT_UPDATES = 12
+RAFT_MIN_SIDE = 128
+_raft_models: dict[str, torch.nn.Module] = {}
+
+
+def raft_cache_path() -> Path:
+    """Where torch hub keeps (or will keep) the RAFT weights."""
+    from torchvision.models.optical_flow import Raft_Large_Weights
+
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(Raft_Large_Weights.C_T_SKHT_V2.url)
+
+
+def _raft(device: torch.device) -> torch.nn.Module:
+    """torchvision's raft_large with its C+T+S+K+H weights, fetched once into the torch hub cache
+    (as VGG19's are) and kept per device for the process."""
+    key = str(device)
+    if key not in _raft_models:
+        from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
+
+        try:
+            state = Raft_Large_Weights.C_T_SKHT_V2.get_state_dict(progress=False, check_hash=True,
+                                                                   weights_only=True, map_location="cpu")
+        except (URLError, ConnectionError, TimeoutError) as exc:
+            cache = raft_cache_path()
+            raise WeightsError(f"cannot download the RAFT weights ({getattr(exc, 'reason', exc)}); put {cache.name} "
+                               f"at {cache} or use --flow dis") from None
+        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+            raise WeightsError(f"the RAFT weights at {raft_cache_path()} are unusable ({first_line(exc)}); "
+                               f"delete the file to download it again, or use --flow dis") from None
+        model = raft_large(weights=None)
+        model.load_state_dict(state)
+        _raft_models[key] = model.eval().requires_grad_(False).to(device)
+    return _raft_models[key]
+
+
+@torch.no_grad()
+def _raft_flow(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.Tensor:
+    height, width = a.shape[-2:]
+    # RAFT needs multiples of 8 px and at least 128 px a side (its correlation pyramid): the edges
+    # are replicated up to that and the flow cropped back.
+    pad = (0, max(RAFT_MIN_SIDE, width + -width % 8) - width, 0, max(RAFT_MIN_SIDE, height + -height % 8) - height)
+
+    def prepared(image: torch.Tensor) -> torch.Tensor:
+        image = image.reshape(-1, 3, height, width)[-1:].float().to(device)
+        return F.pad(image * 2.0 - 1.0, pad, mode="replicate")  # RAFT reads [-1, 1]
+
+    flows = _raft(device)(prepared(a), prepared(b), num_flow_updates=RAFT_UPDATES)
+    return flows[-1][0, :, :height, :width].permute(1, 2, 0).float().cpu().contiguous()
 
 
 def _sampling_grid(flow: torch.Tensor) -> torch.Tensor:

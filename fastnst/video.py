@@ -13,6 +13,7 @@ multi-scale schedules do not.  A rerun skips the frames the manifest lists; Ctrl
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -148,17 +149,20 @@ def _done(folder: Path) -> dict[int, dict]:
     return done
 
 
+FlowFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class _Flows:
     """Flows between the current content frame and the earlier ones, computed one frame ahead in a
-    thread (DIS runs on the CPU while the device renders)."""
+    thread (DIS runs on the CPU while the device renders; RAFT queues behind the step on the GPU)."""
 
-    def __init__(self, offsets: tuple[int, ...]):
-        self.offsets = offsets
+    def __init__(self, offsets: tuple[int, ...], between: FlowFunction):
+        self.offsets, self.between = offsets, between
         self.pool = ThreadPoolExecutor(max_workers=1)
 
     def submit(self, history: dict[int, torch.Tensor], index: int, content: torch.Tensor):
         pairs = {j: history[index - j] for j in self.offsets if index - j in history}
-        return self.pool.submit(lambda: {j: (flow.optical_flow(earlier, content), flow.optical_flow(content, earlier))
+        return self.pool.submit(lambda: {j: (self.between(earlier, content), self.between(content, earlier))
                                          for j, earlier in pairs.items()})
 
     def close(self) -> None:
@@ -191,16 +195,17 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     folder = work_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
     runtime = runtime or resolve_runtime(config)
+    between = functools.partial(flow.optical_flow, method=settings.flow, device=runtime.device)
     if settings.mode == "multipass":
         return _render_multipass(clip, source, styles, Path(output), folder, config, settings, should_stop,
-                                 progress, runtime)
+                                 progress, runtime, between)
     done = {} if settings.force else _done(folder)
     layers = feature_layers(config)
     style_images = [load_image(s) for s in styles]
     # Flow to the previous frame is always computed: the consistency metric needs it, also for
     # independent frames (--temporal-weight 0), against which the temporal term is judged.
     offsets = tuple(sorted(set(settings.temporal_frames) | {1})) if settings.temporal_weight else (1,)
-    flows = _Flows(offsets)
+    flows = _Flows(offsets, between)
     contents: dict[int, torch.Tensor] = {}  # original content frames kept for the flows
     outputs: dict[int, torch.Tensor] = {}  # stylised frames kept for the warps
     summary, size, started = VideoSummary(), None, time.perf_counter()
@@ -359,7 +364,7 @@ def _load_tensor(path: Path) -> torch.Tensor:
 
 def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Path, config: StyleConfig,
                       settings: VideoConfig, should_stop: Callable[[], bool], progress: bool,
-                      runtime: Runtime) -> VideoSummary:
+                      runtime: Runtime, between: FlowFunction) -> VideoSummary:
     """Ruder et al.'s multi-pass scheme, batched: the first pass renders every frame independently,
     a window of ``--window`` frames per batch; each later pass, alternating forward and backward,
     starts every frame from a blend of its own last result and its pass-direction neighbour's last
@@ -412,7 +417,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
                 if p > 0:
                     starts, temporal = _pass_inputs(window, direction, count, content,
                                                     lambda i: _load_tensor(result_path(p - 1, i)), settings,
-                                                    config.preserve_color)
+                                                    config.preserve_color, between)
                 results = _render_window(runtime, config, [content(i) for i in window], scaled_styles,
                                          starts, temporal, steps, tile)
                 for i, image in zip(window, results):
@@ -429,7 +434,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
         record = {"frame": i, "file": _frame_name(i), "pass": last}
         if previous is not None:
             earlier, now = content(i - 1), content(i)
-            forward, backward = flow.optical_flow(earlier, now), flow.optical_flow(now, earlier)
+            forward, backward = between(earlier, now), between(now, earlier)
             error = flow.consistency_error(image, previous, backward, flow.consistency_mask(forward, backward))
             record["consistency"] = round(error, 6)
             summary.consistency.append(error)
@@ -444,7 +449,8 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
 
 
 def _pass_inputs(window: list[int], direction: int, count: int, content: Callable[[int], torch.Tensor],
-                 previous: Callable[[int], torch.Tensor], settings: VideoConfig, preserve_color: str):
+                 previous: Callable[[int], torch.Tensor], settings: VideoConfig, preserve_color: str,
+                 between: FlowFunction):
     """Starts (B, 3, H, W) and one batched temporal target for a later pass: each frame's last
     result blended half and half with its neighbour's warped onto it where the flow is trusted, and
     the warped neighbour as the target (mask 0 for a frame without a neighbour in this direction)."""
@@ -454,7 +460,7 @@ def _pass_inputs(window: list[int], direction: int, count: int, content: Callabl
         n = i - direction
         if 0 <= n < count:
             now, other = content(i), content(n)
-            forward, backward = flow.optical_flow(other, now), flow.optical_flow(now, other)
+            forward, backward = between(other, now), between(now, other)
             mask = flow.consistency_mask(forward, backward)[None, None]
             warped = flow.warp(previous(n), backward)
         else:

@@ -74,3 +74,43 @@ def test_occlusion_by_forward_backward_disagreement():
     assert mask[:, 9:11].sum() == 0  # the boundary between the halves
     assert mask[:, 13:].min() == 1 and mask[:, :7].min() == 1
     assert mask[:, 7:10].sum() == 0  # uncovered: the previous frame showed the half that moved away there
+
+
+def test_raft_offline_is_one_clear_error(monkeypatch):
+    from urllib.error import URLError
+
+    from torchvision.models.optical_flow import Raft_Large_Weights
+
+    from fastnst import flow
+    from fastnst.errors import WeightsError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(Raft_Large_Weights, "get_state_dict", offline)
+    monkeypatch.setattr(flow, "_raft_models", {})
+    frame = torch.rand(1, 3, 40, 48)
+    with pytest.raises(WeightsError) as error:
+        optical_flow(frame, frame, "raft")
+    message = str(error.value)
+    assert "cannot download the RAFT weights" in message and str(flow.raft_cache_path()) in message
+    assert "--flow dis" in message and "\n" not in message
+
+
+def test_raft_runs_on_frames_of_any_size(monkeypatch):
+    """The RAFT path with seeded random weights (the real ones cannot be downloaded here): frames
+    that are not multiples of 8 px are padded and the flow cropped back, (H, W, 2) fp32 on the CPU.
+    Its accuracy is torchvision's to answer for; the GPU check can compare it with DIS."""
+    from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
+
+    from fastnst import flow
+
+    torch.manual_seed(0)
+    state = raft_large(weights=None).state_dict()
+    monkeypatch.setattr(Raft_Large_Weights, "get_state_dict", lambda *args, **kwargs: state)
+    monkeypatch.setattr(flow, "_raft_models", {})
+    monkeypatch.setattr(flow, "RAFT_UPDATES", 2)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.rand(1, 3, 38, 50, generator=g), torch.rand(1, 3, 38, 50, generator=g)
+    result = optical_flow(a, b, "raft")
+    assert result.shape == (38, 50, 2) and result.dtype == torch.float32 and torch.isfinite(result).all()

@@ -179,3 +179,27 @@ def test_multipass_batches_windows_and_pulls_neighbours_together(tmp_path):
     independent = tmp_path / "independent"
     render_video(clip, [STYLE], independent, config, VideoConfig(temporal_weight=0), progress=False)
     assert _consistency(out) < 0.8 * _consistency(independent), (_consistency(out), _consistency(independent))
+
+
+def test_raft_flow_through_the_command(tmp_path, monkeypatch):
+    """--flow raft reaches every flow the video needs (seeded random RAFT weights stand in for the
+    real ones, which cannot be downloaded here)."""
+    from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
+
+    from fastnst import flow
+
+    torch.manual_seed(0)
+    state = raft_large(weights=None).state_dict()
+    used = []
+
+    def weights(*args, **kwargs):
+        used.append(1)
+        return state
+
+    monkeypatch.setattr(Raft_Large_Weights, "get_state_dict", weights)
+    monkeypatch.setattr(flow, "_raft_models", {})
+    monkeypatch.setattr(flow, "RAFT_UPDATES", 2)
+    clip = _translating_clip(tmp_path / "clip", frames=3)
+    assert main(["video", str(clip), STYLE, "-o", str(tmp_path / "out"), *FAST, "--iterations", "2",
+                 "--flow", "raft"]) == 0
+    assert used == [1] and len(list((tmp_path / "out").glob("frame_*.png"))) == 3
