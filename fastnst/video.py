@@ -236,9 +236,9 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
                 pending = flows.submit(contents, index, content)
             upcoming = next(frames, None)
             next_pending = None
-            if upcoming is not None and frame.size == resized(upcoming, config.size).size:
-                contents_ahead = {**contents, index + 1: image_to_tensor(resized(upcoming, config.size))}
-                next_pending = flows.submit(contents_ahead, index + 1, contents_ahead[index + 1])
+            if upcoming is not None and upcoming.size == current.size:  # same size in, same size out
+                ahead = image_to_tensor(resized(upcoming, config.size))
+                next_pending = flows.submit({**contents, index + 1: ahead}, index + 1, ahead)
             frame_flows = pending.result()
             if index in done:
                 outputs[index] = image_to_tensor(Image.open(folder / done[index]["file"]).convert("RGB"))
@@ -247,17 +247,7 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
                 outputs[index] = _render_frame(runtime, config, content, scaled_styles,
                                                frame_flows if settings.temporal_weight else {}, outputs,
                                                index, settings.temporal_weight, tile)
-                record = {"frame": index, "file": _frame_name(index)}
-                if 1 in frame_flows:
-                    forward, backward = frame_flows[1]
-                    error = flow.consistency_error(outputs[index], outputs[index - 1], backward,
-                                                   flow.consistency_mask(forward, backward))
-                    record["consistency"] = round(error, 6)
-                    summary.consistency.append(error)
-                save_image(outputs[index], folder / _frame_name(index))
-                with open(folder / MANIFEST, "a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                summary.rendered += 1
+                _write_frame(folder, index, outputs, frame_flows.get(1), summary)
             summary.frames += 1
             bar.update(1)
             for old in [k for k in contents if k <= index - keep]:
@@ -271,6 +261,23 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     if not summary.interrupted and is_video_path(output):
         encode(folder, summary.frames, clip, Path(output))
     return summary
+
+
+def _write_frame(folder: Path, index: int, outputs: dict[int, torch.Tensor], flows_to_previous: tuple | None,
+                 summary: VideoSummary) -> None:
+    """Save a finished frame (atomically), then append its manifest line with its consistency
+    error against the previous frame: the line is the record that the frame is done."""
+    record = {"frame": index, "file": _frame_name(index)}
+    if flows_to_previous is not None:
+        forward, backward = flows_to_previous
+        error = flow.consistency_error(outputs[index], outputs[index - 1], backward,
+                                       flow.consistency_mask(forward, backward))
+        record["consistency"] = round(error, 6)
+        summary.consistency.append(error)
+    save_image(outputs[index], folder / _frame_name(index))
+    with open(folder / MANIFEST, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+    summary.rendered += 1
 
 
 def _tile(runtime: Runtime, config: StyleConfig, size: tuple[int, int]) -> int | None:
@@ -347,7 +354,9 @@ def _container_format(output: Path) -> str:
 
 def _pass_iterations(config: StyleConfig, passes: int) -> list[int]:
     """--iterations split over 1 + passes passes: half in the first (independent) pass, the rest
-    evenly over the others (each at least 1)."""
+    evenly over the others (each at least 1); all of them in the first when there are no others."""
+    if passes == 0:
+        return [config.iterations]
     first = max(1, config.iterations // 2)
     rest = max(1, (config.iterations - first) // max(passes, 1))
     return [first] + [rest] * passes
@@ -395,7 +404,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     for image in scaled_styles:
         check_fits(image, layers, "style image")
     tile = _tile(runtime, config, size)
-    iterations = _pass_iterations(config, settings.passes)
+    iterations = _pass_iterations(config, settings.passes if settings.temporal_weight else 0)  # 0: independent
     content = lambda i: _load_tensor(contents_folder / f"{i:06d}.pt")  # noqa: E731
     result_path = lambda p, i: folder / f"pass{p}" / f"{i:06d}.pt"  # noqa: E731
     windows = [list(range(start, min(start + settings.window, count))) for start in range(0, count, settings.window)]
