@@ -98,6 +98,14 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
         parser.add_argument(config_flag(f), **kwargs)
 
 
+def _add_positionals(parser: argparse.ArgumentParser, name: str, metavar: str, what: str, output_metavar: str,
+                     output_help: str) -> None:
+    """The first input, the style images and -o/--output, as stylize and video take them."""
+    parser.add_argument(name, metavar=metavar, help=what)
+    parser.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
+    parser.add_argument("-o", "--output", required=True, metavar=output_metavar, help=output_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="fastnst", description="Fast neural style transfer (Gatys et al., CVPR 2016).")
     parser.add_argument("--version", action="version", version=f"fastnst {__version__}")
@@ -108,10 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stylize", help="render a content image in the style of one or more style images",
         description="Optimise an image so its VGG19 features match CONTENT's and its Gram matrices "
                     "match the STYLE images' (blended when there are several).")
-    stylize.add_argument("content", metavar="CONTENT", help="content image (any format Pillow reads)")
-    stylize.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
-    stylize.add_argument("-o", "--output", required=True, metavar="OUT",
-                         help="output image: .png, .jpg/.jpeg, .webp or .tif/.tiff; written atomically")
+    _add_positionals(stylize, "content", "CONTENT", "content image (any format Pillow reads)", "OUT",
+                     "output image: .png, .jpg/.jpeg, .webp or .tif/.tiff; written atomically")
     add_config_flags(stylize, StyleConfig())
     stylize.set_defaults(run=_stylize)
 
@@ -140,10 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                     ".mkv .webm .avi) is encoded at the input's frame rate with its audio; any other OUTPUT "
                     "is a folder of numbered frames.  Frames go to a work folder with a manifest: a rerun "
                     "skips finished frames, Ctrl-C keeps them.")
-    video.add_argument("input", metavar="INPUT", help="video file or folder of frames")
-    video.add_argument("styles", metavar="STYLE", nargs="+", help="style image(s)")
-    video.add_argument("-o", "--output", required=True, metavar="OUTPUT",
-                       help="video file (.mp4 .mov .mkv .webm .avi) or folder of frames")
+    _add_positionals(video, "input", "INPUT", "video file or folder of frames", "OUTPUT",
+                     "video file (.mp4 .mov .mkv .webm .avi) or folder of frames")
     add_config_flags(video, VideoConfig())
     add_config_flags(video, StyleConfig())
     video.set_defaults(run=_video)
