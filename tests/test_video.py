@@ -203,3 +203,26 @@ def test_raft_flow_through_the_command(tmp_path, monkeypatch):
     assert main(["video", str(clip), STYLE, "-o", str(tmp_path / "out"), *FAST, "--iterations", "2",
                  "--flow", "raft"]) == 0
     assert used == [1] and len(list((tmp_path / "out").glob("frame_*.png"))) == 3
+
+
+def test_long_term_targets_share_out_the_pixels(tmp_path):
+    """--temporal-frames 1,2: each pixel is held to the nearest earlier frame that sees it (Ruder
+    et al.'s long-term masks), so the masks of one frame's targets never overlap, and they cover
+    what the short-term mask covers and more; from the command line it runs."""
+    from fastnst.video import _temporal_targets
+
+    g = torch.Generator().manual_seed(2)
+    flows = {}
+    for j, moved in ((1, slice(0, 8)), (2, slice(16, 24))):
+        forward = torch.zeros(20, 24, 2)
+        forward[:, moved, 0] = 5.0  # disagrees with the zero backward flow: occluded there
+        flows[j] = (forward, torch.zeros(20, 24, 2))
+    outputs = {0: torch.rand(1, 3, 20, 24, generator=g), 1: torch.rand(1, 3, 20, 24, generator=g)}
+    targets, masks = _temporal_targets(flows, outputs, 2, 10.0, torch.device("cpu"), "none")
+    near, far = (t.mask[0, 0] for t in targets)
+    assert torch.equal(near, masks[1]) and (near * far).sum() == 0
+    assert torch.equal(far, (masks[2] - masks[1]).clamp(min=0))
+    assert far[:, :6].min() == 1 and near[:, :6].max() == 0  # what frame i-1 misses, frame i-2 gives
+    clip = _translating_clip(tmp_path / "clip", frames=4)
+    assert main(["video", str(clip), STYLE, "-o", str(tmp_path / "out"), *FAST, "--iterations", "2",
+                 "--temporal-frames", "1,2"]) == 0
