@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The costlier GPU checks, for when a lease has time left after gpu_check.sh (same rules: stages
-# under time limits, a RESULT line each, logs.tgz, at most 7 files, no image written).
+# under time limits, a RESULT line each, logs.tgz, at most 8 files, no image written).
 #
 #   FASTNST_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_check_more.sh DIR
 #   bash benchmarks/gpu_check_more.sh --dry-run DIR    # the same stages on the CPU, tiny
@@ -14,9 +14,11 @@
 #   3 large         90 s  2048 px fp16 L-BFGS (loss scaling, skipped steps); 8192 px Adam, --tile auto
 #   4 batch         60 s  16 jobs at 512 px: batches of 8 against a loop of single renders
 #   5 launches      40 s  CUDA kernels per eager step, batch of 1 against batch of 8 at 256 px
+#   6 video         60 s  fastnst video frames/s, sequential and multipass, 8 frames at 512 and
+#                         1024 px, 50 iterations, a known flow (no OpenCV/PyAV on the image)
 #
-# Limits add up to 380 s (440 s with the grace after SIGINT).  DIR receives summary.txt,
-# kernel-bench.json, maxsize.json, large.json, batch.json, launches.json and logs.tgz.
+# Limits add up to 440 s (510 s with the grace after SIGINT).  DIR receives summary.txt,
+# kernel-bench.json, maxsize.json, large.json, batch.json, launches.json, video.json and logs.tgz.
 set -uo pipefail
 . "$(dirname "$0")/stages.sh"
 stages_begin "$@"
@@ -31,6 +33,7 @@ if [ "$dry_run" = 1 ]; then  # the CUDA-only stages check their command lines an
         --iterations 2 --json "$out/batch.json"
     stage 5 launches 40 "$PY" benchmarks/count_launches.py --device cpu --size 32 --batches 1 2 \
         --optimizers lbfgs --json "$out/launches.json"
+    stage 6 video 60 "$PY" benchmarks/bench_video.py --dry-run --json "$out/video.json"
 else
     stage 1 kernel-bench 70 "$PY" benchmarks/bench_kernels.py --sizes 512 1024 2048 --dtypes bf16 fp32 \
         --json "$out/kernel-bench.json"
@@ -40,6 +43,8 @@ else
         --iterations 20 --json "$out/batch.json"
     stage 5 launches 40 "$PY" benchmarks/count_launches.py --device cuda --size 256 --batches 1 8 \
         --json "$out/launches.json"
+    stage 6 video 60 "$PY" benchmarks/bench_video.py --sizes 512 1024 --frames 8 --iterations 50 \
+        --json "$out/video.json"
 fi
 
 stages_end

@@ -189,13 +189,15 @@ def _temporal_targets(flows: dict, outputs: dict[int, torch.Tensor], index: int,
 
 def render_video(source: str | Path, styles: list, output: str | Path, config: StyleConfig,
                  settings: VideoConfig, *, should_stop: Callable[[], bool] = lambda: False,
-                 progress: bool = True, runtime: Runtime | None = None) -> VideoSummary:
-    """Stylise every frame of ``source`` into ``output`` (module docstring)."""
+                 progress: bool = True, runtime: Runtime | None = None,
+                 flow_function: FlowFunction | None = None) -> VideoSummary:
+    """Stylise every frame of ``source`` into ``output`` (module docstring).  ``flow_function``
+    replaces --flow (benchmarks with a known motion, where neither OpenCV nor RAFT is at hand)."""
     clip = open_clip(source, settings.fps)
     folder = work_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
     runtime = runtime or resolve_runtime(config)
-    between = functools.partial(flow.optical_flow, method=settings.flow, device=runtime.device)
+    between = flow_function or functools.partial(flow.optical_flow, method=settings.flow, device=runtime.device)
     if settings.mode == "multipass":
         return _render_multipass(clip, source, styles, Path(output), folder, config, settings, should_stop,
                                  progress, runtime, between)

@@ -100,9 +100,10 @@ def test_more_checks_dry_run_stays_within_what_comes_back(tmp_path):
     proc = _run(["bash", "benchmarks/gpu_check_more.sh", "--dry-run", str(out)], timeout=180)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     files = [path for path in out.rglob("*") if path.is_file()]
-    assert len(files) <= 7 and all(RETURNED_NAME.match(p.name) and p.parent == out for p in files)
+    assert len(files) <= 8 and all(RETURNED_NAME.match(p.name) and p.parent == out for p in files)
     results = [RESULT.match(line) for line in (out / "summary.txt").read_text().splitlines()]
     assert [(m.group(1), m.group(2), m.group(3)) for m in results] == [
         ("0", "ok", "env"), ("1", "ok", "kernel-bench"), ("2", "ok", "max-size"), ("3", "ok", "large"),
-        ("4", "ok", "batch"), ("5", "ok", "launches")]
+        ("4", "ok", "batch"), ("5", "ok", "launches"), ("6", "ok", "video")]
+    assert "sequential 48 px" in results[6].group(4) and "multipass 48 px" in results[6].group(4)
     assert "lbfgs at 32 px on cpu: batch 1:" in results[5].group(4)
