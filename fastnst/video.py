@@ -5,10 +5,12 @@ written as numbered PNG frames into a work folder with a manifest, then, for a v
 encoded with the input's frame rate and its audio copied.  Frame i starts from frame i-1's result
 warped along the optical flow, and temporal terms hold it to the warped results of frames i-j
 (``--temporal-frames``, default 1) where the flow can be trusted; ``--temporal-weight 0`` renders
-independent frames.  Flow (OpenCV's DIS, CPU) for the next frame is computed in a thread while
-the current one renders.  Each frame is one run of the run builder (``run.build_run``), so every
-stylize option that applies to one image applies here (weights, presets, colour control, tiles);
-multi-scale schedules do not.  A rerun skips the frames the manifest lists; Ctrl-C keeps them.
+independent frames.  Flow (OpenCV's DIS on the CPU, or RAFT on the device) for the next frame is
+computed in a thread while the current one renders.  Each frame is one run of the run builder
+(``run.build_run``), so every stylize option that applies to one image applies here (weights,
+presets, colour control, tiles); multi-scale schedules do not.  A rerun skips the frames the
+manifest lists; Ctrl-C keeps them.  ``--mode multipass`` (``_render_multipass``) instead renders
+windows of frames as batches and then passes over the clip that pull neighbours together.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ from .errors import ConfigError, FastNSTError, ImageError
 from .files import atomic_write
 from .images import image_to_tensor, load_image, resized, save_image
 from .loop import Hooks
-from .objective import TemporalTarget, check_fits, feature_layers
 from .measure import auto_tile, free_bytes
+from .objective import TemporalTarget, check_fits, feature_layers
 from .run import Inputs, Runtime, build_run, calibrate, initial_image, resolve_runtime
 
 # Output extensions written as video files, and the encoder each uses (all in PyAV's wheels).
