@@ -17,17 +17,14 @@ of the grid they are defined on):
 
 from __future__ import annotations
 
-import os
-import pickle
-import zipfile
 from pathlib import Path
-from urllib.error import URLError
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, WeightsError, first_line
+from .errors import ConfigError
+from .vgg import hub_cache_path, hub_state_dict
 
 # Ruder et al. (2016), section 3.2: a pixel is occluded where the forward flow, carried back along
 # the backward flow, does not cancel it: |w~ + w^|^2 > 0.01 (|w~|^2 + |w^|^2) + 0.5, and on a
@@ -74,7 +71,7 @@ def raft_cache_path() -> Path:
     """Where torch hub keeps (or will keep) the RAFT weights."""
     from torchvision.models.optical_flow import Raft_Large_Weights
 
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(Raft_Large_Weights.C_T_SKHT_V2.url)
+    return hub_cache_path(Raft_Large_Weights.C_T_SKHT_V2)
 
 
 def _raft(device: torch.device) -> torch.nn.Module:
@@ -84,16 +81,7 @@ def _raft(device: torch.device) -> torch.nn.Module:
     if key not in _raft_models:
         from torchvision.models.optical_flow import Raft_Large_Weights, raft_large
 
-        try:
-            state = Raft_Large_Weights.C_T_SKHT_V2.get_state_dict(progress=False, check_hash=True,
-                                                                   weights_only=True, map_location="cpu")
-        except (URLError, ConnectionError, TimeoutError) as exc:
-            cache = raft_cache_path()
-            raise WeightsError(f"cannot download the RAFT weights ({getattr(exc, 'reason', exc)}); put {cache.name} "
-                               f"at {cache} or use --flow dis") from None
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-            raise WeightsError(f"the RAFT weights at {raft_cache_path()} are unusable ({first_line(exc)}); "
-                               f"delete the file to download it again, or use --flow dis") from None
+        state = hub_state_dict(Raft_Large_Weights.C_T_SKHT_V2, "the RAFT weights", "--flow dis")
         model = raft_large(weights=None)
         model.load_state_dict(state)
         _raft_models[key] = model.eval().requires_grad_(False).to(device)
@@ -115,14 +103,19 @@ def _raft_flow(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.
     return flows[-1][0, :, :height, :width].permute(1, 2, 0).float().cpu().contiguous()
 
 
-def _sampling_grid(flow: torch.Tensor) -> torch.Tensor:
-    """(1, H, W, 2) grid_sample coordinates of p + flow(p), normalised to [-1, 1] (pixel centres)."""
+def _destinations(flow: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of p + flow(p) for every pixel p, in pixels, each (H, W) fp32."""
     height, width = flow.shape[:2]
     ys, xs = torch.meshgrid(torch.arange(height, dtype=torch.float32, device=flow.device),
                             torch.arange(width, dtype=torch.float32, device=flow.device), indexing="ij")
-    x = (xs + flow[..., 0]) * (2.0 / max(width - 1, 1)) - 1.0
-    y = (ys + flow[..., 1]) * (2.0 / max(height - 1, 1)) - 1.0
-    return torch.stack([x, y], dim=-1)[None]
+    return xs + flow[..., 0], ys + flow[..., 1]
+
+
+def _sampling_grid(flow: torch.Tensor) -> torch.Tensor:
+    """(1, H, W, 2) grid_sample coordinates of p + flow(p), normalised to [-1, 1] (pixel centres)."""
+    height, width = flow.shape[:2]
+    x, y = _destinations(flow)
+    return torch.stack([x * (2.0 / max(width - 1, 1)) - 1.0, y * (2.0 / max(height - 1, 1)) - 1.0], dim=-1)[None]
 
 
 def warp(image: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
@@ -148,9 +141,7 @@ def consistency_mask(forward: torch.Tensor, backward: torch.Tensor) -> torch.Ten
 def _leaves_the_frame(flow: torch.Tensor) -> torch.Tensor:
     """(H, W) bool: p + flow(p) falls outside the frame (the other frame does not show p)."""
     height, width = flow.shape[:2]
-    ys, xs = torch.meshgrid(torch.arange(height, device=flow.device), torch.arange(width, device=flow.device),
-                            indexing="ij")
-    x, y = xs + flow[..., 0], ys + flow[..., 1]
+    x, y = _destinations(flow)
     return (x < 0) | (x > width - 1) | (y < 0) | (y > height - 1)
 
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torchvision.models import VGG19_Weights, vgg19
 
-from .errors import WeightsError
+from .errors import WeightsError, first_line
 
 # Channels of VGG19's 16 convolutions, block by block (Simonyan & Zisserman, configuration E).
 _BLOCKS = ((64, 64), (128, 128), (256, 256, 256, 256), (512, 512, 512, 512), (512, 512, 512, 512))
@@ -129,30 +129,34 @@ def _expected_shapes() -> dict[str, tuple[int, ...]]:
 FEATURE_SHAPES = _expected_shapes()
 
 
+def hub_cache_path(weights) -> Path:
+    """Where torch hub keeps (or will keep) a torchvision weights enum member's checkpoint."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+
 def imagenet_cache_path() -> Path:
     """Where torch hub keeps (or will keep) torchvision's VGG19 ImageNet checkpoint."""
-    filename = os.path.basename(VGG19_Weights.IMAGENET1K_V1.url)
-    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return hub_cache_path(VGG19_Weights.IMAGENET1K_V1)
+
+
+def hub_state_dict(weights, what: str, instead: str, progress: bool = False) -> Mapping[str, torch.Tensor]:
+    """A torchvision weights enum member's state dict, downloaded once into the torch hub cache and
+    checked against the hash in its file name; offline or corrupt, a WeightsError naming the cache
+    path and ``instead`` (what the user can do otherwise)."""
+    cache = hub_cache_path(weights)
+    try:
+        return weights.get_state_dict(progress=progress, check_hash=True, weights_only=True, map_location="cpu")
+    except (URLError, ConnectionError, TimeoutError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise WeightsError(f"cannot download {what} ({reason}); put {cache.name} at {cache} or use {instead}") from None
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        raise WeightsError(f"{what} at {cache} are unusable ({first_line(exc)}); delete the file to download it "
+                           f"again, or use {instead}") from None
 
 
 def _load_imagenet(progress: bool) -> Mapping[str, torch.Tensor]:
-    cache = imagenet_cache_path()
-    try:
-        # check_hash verifies the download against the hash in the file name.
-        return VGG19_Weights.IMAGENET1K_V1.get_state_dict(
-            progress=progress, check_hash=True, weights_only=True, map_location="cpu"
-        )
-    except (URLError, ConnectionError, TimeoutError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise WeightsError(
-            f"cannot download the VGG19 ImageNet weights ({reason}); put "
-            f"{cache.name} at {cache} or use --weights PATH|random"
-        ) from None
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
-        raise WeightsError(
-            f"the VGG19 ImageNet weights at {cache} are unusable ({_first_line(exc)}); "
-            f"delete the file to download it again, or use --weights PATH|random"
-        ) from None
+    return hub_state_dict(VGG19_Weights.IMAGENET1K_V1, "the VGG19 ImageNet weights", "--weights PATH|random",
+                          progress)
 
 
 def _load_file(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
@@ -164,20 +168,15 @@ def _load_file(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightsError(
-            f"weights file '{path}' holds more than tensors and was refused ({_first_line(exc)})"
+            f"weights file '{path}' holds more than tensors and was refused ({first_line(exc)})"
         ) from None
     except Exception as exc:  # torch.load raises many types for a file that is not a checkpoint
-        raise WeightsError(f"weights file '{path}' is not a PyTorch checkpoint ({_first_line(exc)})") from None
+        raise WeightsError(f"weights file '{path}' is not a PyTorch checkpoint ({first_line(exc)})") from None
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
         state = state["state_dict"]
     if not isinstance(state, Mapping):
         raise WeightsError(f"weights file '{path}' does not hold a state dict (found {type(state).__name__})")
     return state
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 _NAMED_KEY = re.compile(r"conv(\d)_(\d)\.(weight|bias)")
