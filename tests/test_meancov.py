@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from fastnst import StyleConfig
-from fastnst.kernels import reference
 from fastnst.kernels.backend import ops
-from fastnst.kernels.meancov import COVARIANCE_EPS, MeanCovTarget, sqrtm_newton_schulz
+from fastnst.kernels.meancov import COVARIANCE_EPS, MeanCovTarget, meancov_losses, sqrtm_newton_schulz
 from fastnst.objective import StyleObjective, feature_layers
 from fastnst.vgg import VGGFeatures, random_state_dict
 
@@ -75,7 +74,7 @@ def test_loss_matches_the_float64_textbook(backend):
     # The loss of the style's own statistics is zero up to Newton-Schulz's error: the product
     # there is Sigma_t^2, whose smallest eigenvalues (condition ~1e8) the 16 iterations do not
     # fully reach (measured 3e-7 of the loss scale).
-    own = reference.meancov_losses(style[None].double(), _target(style.double()))
+    own = meancov_losses(style[None].double(), _target(style.double()))
     assert own.abs().item() < 1e-5 * expected.max().item()
 
 
@@ -95,7 +94,7 @@ def test_gradient_matches_the_float64_textbook(backend):
 def test_float64_gradcheck():
     x, style = _features(c=5, m=40, batch=2, seed=5)
     target = _target(style.double())
-    assert torch.autograd.gradcheck(lambda f: reference.meancov_losses(f, target), (x.double().requires_grad_(True),))
+    assert torch.autograd.gradcheck(lambda f: meancov_losses(f, target), (x.double().requires_grad_(True),))
 
 
 def test_per_sample_targets_and_bf16_features():
@@ -104,14 +103,14 @@ def test_per_sample_targets_and_bf16_features():
     x, style = _features(batch=2, seed=7)
     _, other = _features(batch=1, seed=8)
     both = MeanCovTarget.stack([_target(style), _target(other)])
-    together = reference.meancov_losses(x, both)
-    alone = torch.cat([reference.meancov_losses(x[:1], _target(style)),
-                       reference.meancov_losses(x[1:], _target(other))])
+    together = meancov_losses(x, both)
+    alone = torch.cat([meancov_losses(x[:1], _target(style)),
+                       meancov_losses(x[1:], _target(other))])
     torch.testing.assert_close(together, alone, rtol=1e-6, atol=0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = reference.meancov_losses(x.bfloat16(), _target(style))
+        low = meancov_losses(x.bfloat16(), _target(style))
     assert low.dtype == torch.float32
-    torch.testing.assert_close(low, reference.meancov_losses(x, _target(style)), rtol=3e-2, atol=0)
+    torch.testing.assert_close(low, meancov_losses(x, _target(style)), rtol=3e-2, atol=0)
 
 
 def test_the_objective_blends_moments_and_reaches_zero_at_the_style():

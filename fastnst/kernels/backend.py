@@ -96,7 +96,10 @@ def ops(device: torch.device | str, backend: str | None = None) -> SimpleNamespa
     ``meancov_losses`` (B,), the mean-covariance loss on the backend's Gram (meancov.py)."""
     name = resolve(device, backend)
     if name == "torch":
-        from . import reference as chosen
+        from . import meancov, reference
+
+        chosen = SimpleNamespace(**{op: getattr(reference, op) for op in OPS if op != "meancov_losses"},
+                                 meancov_losses=meancov.meancov_losses)
     else:
         from . import meancov, triton_content_loss, triton_gram, triton_style_loss
 

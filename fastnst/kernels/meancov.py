@@ -16,11 +16,13 @@ of the trace term (``_TraceSqrt``).  The target's own square root is computed on
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from . import reference
+from .full_precision import full_precision
 
 # Added to both covariances' diagonals (as style-transfer-pytorch does): a rank-deficient
 # covariance (fewer positions than channels at conv5_1 of a small image) has a square root whose
@@ -63,13 +65,6 @@ class MeanCovTarget:
                                for name in ("mean", "cov_sqrt", "cov_trace")))
 
 
-def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    kind = x.device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _newton_schulz(a: torch.Tensor, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A^(1/2), A^(-1/2)) of symmetric positive (semi)definite matrices (..., C, C) by the coupled
     Newton-Schulz iteration Y <- Y T, Z <- T Z, T = (3 I - Z Y) / 2 from Y = A / |A|_F, Z = I,
@@ -107,13 +102,15 @@ class _TraceSqrt(torch.autograd.Function):
         return grad[:, None, None] * half, None
 
 
-def meancov_losses(x: torch.Tensor, target: MeanCovTarget, gram: Callable[[torch.Tensor], torch.Tensor],
+def meancov_losses(x: torch.Tensor, target: MeanCovTarget,
+                   gram: Callable[[torch.Tensor], torch.Tensor] = reference.gram,
                    iterations: int = NEWTON_SCHULZ_ITERATIONS) -> torch.Tensor:
     """(B,) W_l of features ``x`` (B, C, H, W) or (B, C, M) against ``target`` (shared, or one per
-    sample); ``gram`` the backend's differentiable F F^T (B, C, C), fp32 under any autocast."""
+    sample); ``gram`` the backend's differentiable F F^T (B, C, C), fp32 under any autocast (by
+    default the PyTorch twin's: this is then the CPU path and the oracle)."""
     channels, positions = x.shape[1], x[0, 0].numel()
     second_moment = gram(x) / positions  # fp32 (fp64 for fp64 features)
-    with _no_autocast(x):
+    with full_precision(x):
         wide = second_moment.dtype
         mean = x.flatten(2).to(wide).mean(2)
         cov = second_moment - mean[:, :, None] * mean[:, None, :]

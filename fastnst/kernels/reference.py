@@ -9,24 +9,14 @@ so the products here run with autocast switched off, as the Triton kernels do.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 
-from . import meancov
-from .meancov import MeanCovTarget
+from .full_precision import full_precision
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
-
-
-def _full_precision(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """A context in which x's device runs no autocast (a no-op where none is active)."""
-    kind = x.device.type
-    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
-        return torch.autocast(kind, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -41,7 +31,7 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 def gram(x: torch.Tensor) -> torch.Tensor:
     """G = F F^T per batch element, unnormalised: (B, C, C) fp32, whatever autocast is on."""
     f = _flat(x)
-    with _full_precision(f):
+    with full_precision(f):
         return f @ f.transpose(1, 2)
 
 
@@ -63,7 +53,7 @@ class _StyleLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, target_gram: torch.Tensor, weight: float) -> torch.Tensor:
         f = _flat(x)
-        with _full_precision(f):
+        with full_precision(f):
             diff = f @ f.transpose(1, 2) - _wide(target_gram)
         ctx.save_for_backward(x, diff)
         ctx.scale = weight * style_normaliser(f.shape[1], f.shape[2])
@@ -72,7 +62,7 @@ class _StyleLosses(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         x, diff = ctx.saved_tensors
-        with _full_precision(diff):
+        with full_precision(diff):
             symmetric = (diff + diff.transpose(1, 2)) * (2.0 * ctx.scale) * grad_out.view(-1, 1, 1)
             if x.dtype == torch.bfloat16:
                 # As the Triton kernel does: D rounded to bf16 (fp32's exponent range), products
@@ -105,14 +95,9 @@ def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor
     return torch.stack([style_losses(x, target) for x, target in zip(xs, target_grams)])
 
 
-def meancov_losses(x: torch.Tensor, target: MeanCovTarget) -> torch.Tensor:
-    """(B,) mean-covariance (Wasserstein-2) style losses, meancov.py, on this module's Gram."""
-    return meancov.meancov_losses(x, target, gram)
-
-
 def content_losses(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) fp32: 1/2 sum (F - P)^2 of each sample, whatever autocast is on."""
-    with _full_precision(x):
+    with full_precision(x):
         return 0.5 * (_wide(x) - _wide(target)).square().flatten(1).sum(dim=1)
 
 
