@@ -186,7 +186,6 @@ class StyleObjective:
         self.tv_weight = float(config.tv_weight)
         self.temporal = tuple(temporal)
         self.normalize_gradients = bool(config.normalize_gradients)
-        self.loss_scale: torch.Tensor | None = None  # fp16 loss scaling in force (normalize_gradients)
         if self.style_loss != "gram" and regions is not None:
             raise ValueError("spatial control needs the Gram style loss")
 
@@ -274,29 +273,32 @@ class StyleObjective:
                 sums[i] = moments if sums[i] is None else [a + b for a, b in zip(sums[i], moments)]
         return tuple(MeanCovTarget.from_moments(mean, second) for mean, second in sums)  # type: ignore[misc]
 
-    def _at_layer(self, features: torch.Tensor, weight: float) -> torch.Tensor:
+    def _at_layer(self, features: torch.Tensor, weight: float, scale: torch.Tensor | None) -> torch.Tensor:
         """A layer's features as a term of weight ``weight`` sees them: with --normalize-gradients
         the term's gradient there is rescaled to L1 norm ``weight`` (times the fp16 loss scale)."""
         if not self.normalize_gradients or weight == 0:  # a term of weight 0 has no gradient to scale
             return features
-        return normalized_gradient(features, weight if self.loss_scale is None else self.loss_scale * weight)
+        return normalized_gradient(features, weight if scale is None else scale * weight)
 
-    def _weighted_terms(self, image: torch.Tensor):
-        """Yield (name, per-sample unweighted values (B,), weight) for every term of the loss."""
+    def _weighted_terms(self, image: torch.Tensor, scale: torch.Tensor | None = None):
+        """Yield (name, per-sample unweighted values (B,), weight) for every term of the loss;
+        ``scale``, the fp16 loss scale the gradient will carry (for --normalize-gradients)."""
         features = self.network(image)
         for name, slot, target, v in zip(self.content_layers, self.content_slots, self.content_targets,
                                          self.content_layer_weights):
             weight = self.alpha * v
-            yield f"content:{name}", self.ops.content_losses(self._at_layer(features[slot], weight), target), weight
+            values = self.ops.content_losses(self._at_layer(features[slot], weight, scale), target)
+            yield f"content:{name}", values, weight
         if self.style_loss == "meancov":
             for name, slot, target, w in zip(self.style_layers, self.style_slots, self.style_targets,
                                              self.style_layer_weights):
                 weight = self.beta * w
-                yield f"style:{name}", self.ops.meancov_losses(self._at_layer(features[slot], weight), target), weight
+                values = self.ops.meancov_losses(self._at_layer(features[slot], weight, scale), target)
+                yield f"style:{name}", values, weight
         elif self.regions is None and self.style_slots:
             # All style layers at once: on Triton one launch forward and one backward for them all.
             weights = [self.beta * w for w in self.style_layer_weights]
-            values = self.ops.grouped_style_losses([self._at_layer(features[slot], weight)
+            values = self.ops.grouped_style_losses([self._at_layer(features[slot], weight, scale)
                                                     for slot, weight in zip(self.style_slots, weights)],
                                                    list(self.style_targets))
             for name, layer_values, w in zip(self.style_layers, values, self.style_layer_weights):
@@ -311,9 +313,8 @@ class StyleObjective:
                     # precision, as an unmasked one does (an all-white mask gives the unmasked run).
                     masked = features[slot] * mask.to(features[slot].dtype)
                     weight = self.beta * w * share
-                    yield (f"style:{name}:{index}",
-                           self.ops.style_losses(self._at_layer(masked, weight * correction), target) * correction,
-                           weight)
+                    values = self.ops.style_losses(self._at_layer(masked, weight * correction, scale), target)
+                    yield f"style:{name}:{index}", values * correction, weight
         yield from self._image_terms(image)
 
     def _image_terms(self, image: torch.Tensor):
@@ -331,9 +332,9 @@ class StyleObjective:
         """(B,) the weighted sum of the terms on the image itself (the tiler adds them whole)."""
         return sum(values * weight for _, values, weight in self._image_terms(image))
 
-    def losses(self, image: torch.Tensor) -> torch.Tensor:
+    def losses(self, image: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """The loss of each sample, (B,) fp32, differentiable with respect to ``image``."""
-        return sum(values * weight for _, values, weight in self._weighted_terms(image))
+        return sum(values * weight for _, values, weight in self._weighted_terms(image, scale))
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """The total loss over the batch, an fp32 scalar."""
@@ -342,11 +343,7 @@ class StyleObjective:
     def loss_and_grad(self, image: torch.Tensor, scale: torch.Tensor | None = None):
         """(per-sample losses (B,), gradient of their sum [times scale]) under the run's autocast;
         with --normalize-gradients the gradient is the normalised one (``normalized_gradient``)."""
-        self.loss_scale = scale
-        try:
-            return autograd_loss_and_grad(self.losses, image, scale, self.autocast)
-        finally:
-            self.loss_scale = None
+        return autograd_loss_and_grad(lambda x: self.losses(x, scale), image, scale, self.autocast)
 
     def terms(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each unweighted term summed over the batch (``content:<layer>``, ``style:<layer>``, ``tv``

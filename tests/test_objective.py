@@ -168,3 +168,14 @@ def test_normalized_gradients_scale_each_terms_gradient_at_its_layer(backend, st
     # of the largest entry measured), hence 1e-4 of it.
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
     assert not torch.allclose(grad, torch.autograd.grad(plain(x), x)[0], rtol=0.1)
+
+
+def test_normalized_gradients_carry_the_fp16_loss_scale():
+    """Under fp16 loss scaling the gradient is the scaled one (the scaler divides it back), so
+    --normalize-gradients must keep the scale: scale 8 gives 8 times the unscaled gradient."""
+    config = StyleConfig(style_layers=("conv1_1", "conv2_1"), content_layers=("conv2_2",), normalize_gradients=True)
+    content, style, image = _images(seed=7, height=32, width=32)
+    objective = StyleObjective(_network(config), content, [style], config)
+    _, plain = objective.loss_and_grad(image.clone().requires_grad_(True))
+    _, scaled = objective.loss_and_grad(image.clone().requires_grad_(True), torch.tensor(8.0))
+    torch.testing.assert_close(scaled, 8.0 * plain, rtol=1e-5, atol=1e-7 * plain.abs().max().item())
