@@ -154,9 +154,17 @@ def _done(folder: Path) -> dict[int, dict]:
 FlowFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _motion(between: FlowFunction, now: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flow from frame ``now`` to frame ``other``, (H, W) mask of the pixels of ``now`` that the
+    warp from ``other`` gets right): what a temporal target and the consistency metric need."""
+    forward, backward = between(other, now), between(now, other)
+    return backward, flow.consistency_mask(forward, backward)
+
+
 class _Flows:
-    """Flows between the current content frame and the earlier ones, computed one frame ahead in a
-    thread (DIS runs on the CPU while the device renders; RAFT queues behind the step on the GPU)."""
+    """The motion (``_motion``) between the current content frame and the earlier ones, computed
+    one frame ahead in a thread (DIS runs on the CPU while the device renders; RAFT queues behind
+    the step on the GPU)."""
 
     def __init__(self, offsets: tuple[int, ...], between: FlowFunction):
         self.offsets, self.between = offsets, between
@@ -164,29 +172,27 @@ class _Flows:
 
     def submit(self, history: dict[int, torch.Tensor], index: int, content: torch.Tensor):
         pairs = {j: history[index - j] for j in self.offsets if index - j in history}
-        return self.pool.submit(lambda: {j: (self.between(earlier, content), self.between(content, earlier))
-                                         for j, earlier in pairs.items()})
+        return self.pool.submit(lambda: {j: _motion(self.between, content, earlier) for j, earlier in pairs.items()})
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
 
 
-def _temporal_targets(flows: dict, outputs: dict[int, torch.Tensor], index: int, weight: float,
-                      device: torch.device, preserve_color: str) -> tuple[tuple[TemporalTarget, ...], dict]:
-    """The temporal targets of frame ``index`` (long-term masks made disjoint, Ruder et al. eq. 6:
-    a pixel counts for the nearest earlier frame that sees it) and the masks by offset."""
-    targets, masks, covered = [], {}, None
-    for j in sorted(flows):
-        forward, backward = flows[j]
-        mask = flow.consistency_mask(forward, backward)
-        masks[j] = mask
+def _temporal_targets(motions: dict, outputs: dict[int, torch.Tensor], index: int, weight: float,
+                      device: torch.device, preserve_color: str) -> tuple[TemporalTarget, ...]:
+    """The temporal targets of frame ``index`` from its motion to each earlier frame (offset ->
+    ``_motion``), long-term masks made disjoint (Ruder et al. eq. 6: a pixel counts for the
+    nearest earlier frame that sees it)."""
+    targets, covered = [], None
+    for j in sorted(motions):
+        backward, mask = motions[j]
         own = mask if covered is None else (mask - covered).clamp(min=0)
         covered = mask if covered is None else (covered + mask).clamp(max=1)
         warped = flow.warp(outputs[index - j].to(device), backward.to(device))
         if preserve_color == "luminance":
             warped = color.luminance_image(warped)
         targets.append(TemporalTarget(warped, own.to(device)[None, None], weight))
-    return tuple(targets), masks
+    return tuple(targets)
 
 
 def render_video(source: str | Path, styles: list, output: str | Path, config: StyleConfig,
@@ -267,15 +273,15 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     return summary
 
 
-def _write_frame(folder: Path, index: int, outputs: dict[int, torch.Tensor], flows_to_previous: tuple | None,
+def _write_frame(folder: Path, index: int, outputs: dict[int, torch.Tensor], to_previous: tuple | None,
                  summary: VideoSummary) -> None:
     """Save a finished frame (atomically), then append its manifest line with its consistency
-    error against the previous frame: the line is the record that the frame is done."""
+    error against the previous frame (``to_previous``: their ``_motion``): the line is the record
+    that the frame is done."""
     record = {"frame": index, "file": _frame_name(index)}
-    if flows_to_previous is not None:
-        forward, backward = flows_to_previous
-        error = flow.consistency_error(outputs[index], outputs[index - 1], backward,
-                                       flow.consistency_mask(forward, backward))
+    if to_previous is not None:
+        backward, mask = to_previous
+        error = flow.consistency_error(outputs[index], outputs[index - 1], backward, mask)
         record["consistency"] = round(error, 6)
         summary.consistency.append(error)
     save_image(outputs[index], folder / _frame_name(index))
@@ -306,7 +312,7 @@ def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, 
                                                    [image_to_tensor(s).to(device) for s in styles])
     temporal, start = (), None
     if frame_flows:
-        temporal, _ = _temporal_targets(frame_flows, outputs, index, weight, device, config.preserve_color)
+        temporal = _temporal_targets(frame_flows, outputs, index, weight, device, config.preserve_color)
         start = temporal[0].target if 1 in frame_flows else None
     run = build_run(runtime, config, Inputs(content=prepared, styles=style_tensors, start=start, temporal=temporal),
                     tile=tile)
@@ -322,8 +328,8 @@ def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
     def write(stream) -> None:
         with av.open(stream, "w", format=_container_format(output)) as out:
             video = out.add_stream(VIDEO_CODECS[output.suffix.lower()], rate=clip.rate)
-            first = Image.open(folder / _frame_name(0))
-            video.width, video.height = first.size[0] // 2 * 2, first.size[1] // 2 * 2
+            with Image.open(folder / _frame_name(0)) as first:  # yuv420p needs even sides
+                video.width, video.height = first.size[0] // 2 * 2, first.size[1] // 2 * 2
             video.pix_fmt = "yuv420p"
             audio_in = None
             if clip.files is None:
@@ -400,7 +406,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
             raise ImageError(f"frame {index + 1} of '{source}' is {image.size[0]}x{image.size[1]} px; the first "
                              f"was another size (every frame must have the first's size)")
         path = contents_folder / f"{index:06d}.pt"
-        if not path.exists():
+        if settings.force or not path.exists():
             _save_tensor(image_to_tensor(frame), path)
         summary.frames = index + 1
     count = summary.frames
@@ -410,6 +416,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     tile = _tile(runtime, config, size)
     iterations = _pass_iterations(config, settings.passes if settings.temporal_weight else 0)  # 0: independent
     content = lambda i: _load_tensor(contents_folder / f"{i:06d}.pt")  # noqa: E731
+    motion = _motion_cache(folder / "flows", between, content, settings.force)
     result_path = lambda p, i: folder / f"pass{p}" / f"{i:06d}.pt"  # noqa: E731
     windows = [list(range(start, min(start + settings.window, count))) for start in range(0, count, settings.window)]
     bar = tqdm(total=len(iterations) * count, unit="frame", desc="video (passes)", disable=not progress,
@@ -428,9 +435,9 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
                     continue
                 starts, temporal = None, ()
                 if p > 0:
-                    starts, temporal = _pass_inputs(window, direction, count, content,
+                    starts, temporal = _pass_inputs(window, direction, count,
                                                     lambda i: _load_tensor(result_path(p - 1, i)), settings,
-                                                    config.preserve_color, between)
+                                                    config.preserve_color, motion)
                 results = _render_window(runtime, config, [content(i) for i in window], scaled_styles,
                                          starts, temporal, steps, tile)
                 for i, image in zip(window, results):
@@ -446,9 +453,8 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
         save_image(image, folder / _frame_name(i))
         record = {"frame": i, "file": _frame_name(i), "pass": last}
         if previous is not None:
-            earlier, now = content(i - 1), content(i)
-            forward, backward = between(earlier, now), between(now, earlier)
-            error = flow.consistency_error(image, previous, backward, flow.consistency_mask(forward, backward))
+            backward, mask = motion(i, i - 1)
+            error = flow.consistency_error(image, previous, backward, mask)
             record["consistency"] = round(error, 6)
             summary.consistency.append(error)
         records.append(json.dumps(record))
@@ -461,9 +467,28 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     return summary
 
 
-def _pass_inputs(window: list[int], direction: int, count: int, content: Callable[[int], torch.Tensor],
+def _motion_cache(folder: Path, between: FlowFunction, content: Callable[[int], torch.Tensor],
+                  force: bool) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
+    """``motion(i, n)``: the ``_motion`` from frame i to frame n, computed once for the clip and kept
+    in ``folder`` (every pass, and the final consistency, needs the same pairs again)."""
+    folder.mkdir(exist_ok=True)
+    fresh: set[Path] = set()  # with --force, what this run computed (older files are recomputed)
+
+    def motion(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        path = folder / f"{i:06d}-{n:06d}.pt"
+        if path.exists() and (not force or path in fresh):
+            return tuple(torch.load(path, map_location="cpu", weights_only=True))  # type: ignore[return-value]
+        result = _motion(between, content(i), content(n))
+        atomic_write(path, lambda stream: torch.save(result, stream), error=FastNSTError)
+        fresh.add(path)
+        return result
+
+    return motion
+
+
+def _pass_inputs(window: list[int], direction: int, count: int,
                  previous: Callable[[int], torch.Tensor], settings: VideoConfig, preserve_color: str,
-                 between: FlowFunction):
+                 motion: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]):
     """Starts (B, 3, H, W) and one batched temporal target for a later pass: each frame's last
     result blended half and half with its neighbour's warped onto it where the flow is trusted, and
     the warped neighbour as the target (mask 0 for a frame without a neighbour in this direction)."""
@@ -472,9 +497,8 @@ def _pass_inputs(window: list[int], direction: int, count: int, content: Callabl
         own = previous(i)
         n = i - direction
         if 0 <= n < count:
-            now, other = content(i), content(n)
-            forward, backward = between(other, now), between(now, other)
-            mask = flow.consistency_mask(forward, backward)[None, None]
+            backward, mask = motion(i, n)
+            mask = mask[None, None]
             warped = flow.warp(previous(n), backward)
         else:
             mask, warped = torch.zeros(1, 1, *own.shape[-2:]), own

@@ -209,6 +209,7 @@ def test_long_term_targets_share_out_the_pixels(tmp_path):
     """--temporal-frames 1,2: each pixel is held to the nearest earlier frame that sees it (Ruder
     et al.'s long-term masks), so the masks of one frame's targets never overlap, and they cover
     what the short-term mask covers and more; from the command line it runs."""
+    from fastnst.flow import consistency_mask
     from fastnst.video import _temporal_targets
 
     g = torch.Generator().manual_seed(2)
@@ -218,7 +219,9 @@ def test_long_term_targets_share_out_the_pixels(tmp_path):
         forward[:, moved, 0] = 5.0  # disagrees with the zero backward flow: occluded there
         flows[j] = (forward, torch.zeros(20, 24, 2))
     outputs = {0: torch.rand(1, 3, 20, 24, generator=g), 1: torch.rand(1, 3, 20, 24, generator=g)}
-    targets, masks = _temporal_targets(flows, outputs, 2, 10.0, torch.device("cpu"), "none")
+    masks = {j: consistency_mask(*flows[j]) for j in flows}
+    motions = {j: (flows[j][1], masks[j]) for j in flows}
+    targets = _temporal_targets(motions, outputs, 2, 10.0, torch.device("cpu"), "none")
     near, far = (t.mask[0, 0] for t in targets)
     assert torch.equal(near, masks[1]) and (near * far).sum() == 0
     assert torch.equal(far, (masks[2] - masks[1]).clamp(min=0))
