@@ -305,19 +305,13 @@ def _tile(runtime: Runtime, config: StyleConfig, size: tuple[int, int]) -> int |
 def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, styles: list[Image.Image],
                   frame_flows: dict, outputs: dict[int, torch.Tensor], index: int, weight: float,
                   tile: int | None) -> torch.Tensor:
-    """One frame: start from the previous result warped (if temporal), temporal targets, optimise."""
-    device = runtime.device
-    original = content.to(device)
-    prepared, style_tensors = color.prepare_inputs(config.preserve_color, original,
-                                                   [image_to_tensor(s).to(device) for s in styles])
+    """One frame: start from the previous result warped (if temporal), temporal targets, optimise
+    (a window of one frame)."""
     temporal, start = (), None
     if frame_flows:
-        temporal = _temporal_targets(frame_flows, outputs, index, weight, device, config.preserve_color)
+        temporal = _temporal_targets(frame_flows, outputs, index, weight, runtime.device, config.preserve_color)
         start = temporal[0].target if 1 in frame_flows else None
-    run = build_run(runtime, config, Inputs(content=prepared, styles=style_tensors, start=start, temporal=temporal),
-                    tile=tile)
-    result = run.optimise(config.iterations, Hooks(progress=False, report_every=config.report_every))
-    return color.finish(config.preserve_color, result.image, content)
+    return _render_window(runtime, config, [content], styles, start, temporal, config.iterations, tile)[0]
 
 
 def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
@@ -514,7 +508,8 @@ def _pass_inputs(window: list[int], direction: int, count: int,
 def _render_window(runtime: Runtime, config: StyleConfig, contents: list[torch.Tensor], styles: list[Image.Image],
                    starts: torch.Tensor | None, temporal: tuple, iterations: int,
                    tile: int | None) -> list[torch.Tensor]:
-    """A window of frames as one batch (shared styles), each its own sample; results in output space."""
+    """A window of frames as one batch (shared styles), each its own sample, from ``starts`` (in the
+    space the transfer runs in) or the configured --init; results in output space."""
     device = runtime.device
     originals = torch.cat(contents)
     prepared, style_tensors = color.prepare_inputs(config.preserve_color, originals.to(device),
