@@ -315,6 +315,8 @@ def _video(args: argparse.Namespace) -> int:
         consistency = f", consistency error {mean:.4f}" if mean is not None else ""
         _say(f"wrote {output} ({summary.frames} frames, {summary.rendered} rendered, {summary.skipped} already "
              f"done, {rate:.2f} frames/s{consistency})")
+        if config.verbose:
+            _say(f"temporal weight {summary.temporal_weight:g}")
     return 0
 
 

@@ -58,6 +58,30 @@ def default_loss_weights(style_loss: str, weights_format: str) -> tuple[float, f
     return DEFAULT_LOSS_WEIGHTS[(style_loss, weights_format)]
 
 
+# Video's temporal weight gamma (Ruder, Dosovitskiy & Brox, GCPR 2016), on the term
+# sum(mask * (x - target)^2) / D.  Their artistic-videos runs neural-style's losses, i.e. this
+# project's caffe format, with alpha 5, beta 100 and gamma 1e3 on 0-255 images; on [0, 1] images
+# that gamma is 1e3 * 255^2.  Other formats are carried over as the loss weights above are: if a
+# format's activations are k times the caffe network's, content grows with k^2 and the Gram loss
+# with k^4, and each format's default (alpha, beta) strike the same balance, which gives
+# k^2 = (alpha_caffe beta) / (beta_caffe alpha), and keeping gamma's ratio to the content term,
+# gamma = gamma_caffe (alpha / alpha_caffe)^2 (beta_caffe / beta): 260 for torchvision, 2.6e5 for
+# caffe-normalised.  The mean-covariance loss grows with k^2 like the content term, so it keeps
+# the Gram default's ratio to the content weight.  Only the caffe value is the paper's own; the
+# others rest on the peers' weights sharing neural-style's balance.
+RUDER_TEMPORAL_WEIGHT = 1e3 * 255.0**2
+
+
+def default_temporal_weight(style_loss: str, weights_format: str) -> float:
+    """gamma when --temporal-weight is not given (see RUDER_TEMPORAL_WEIGHT)."""
+    caffe_alpha, caffe_beta = DEFAULT_LOSS_WEIGHTS[("gram", "caffe")]
+    alpha, beta = DEFAULT_LOSS_WEIGHTS[("gram", weights_format)]
+    gamma = RUDER_TEMPORAL_WEIGHT * (alpha / caffe_alpha) ** 2 * (caffe_beta / beta)
+    if style_loss == "gram":
+        return gamma
+    return gamma * DEFAULT_LOSS_WEIGHTS[(style_loss, weights_format)][0] / alpha
+
+
 # Step size used when --lr is not given.  L-BFGS: the unit step of a quasi-Newton method
 # (torch.optim.LBFGS and neural-style use 1).  Adam: the per-step pixel change in [0, 1] units;
 # 0.02 ~ 5/255, between neural-style's 10/255 and the slower but steadier values peers use.
@@ -523,9 +547,12 @@ class BenchConfig:
 class VideoConfig:
     """Options of ``fastnst video`` beyond the stylisation options (StyleConfig)."""
 
-    temporal_weight: float = option(100.0, "weight of the temporal term holding each frame to the previous "
-                                    "stylised frames warped along the optical flow (0 = independent frames)",
-                                    metavar="W", minimum=0.0, maximum=1e30)
+    temporal_weight: float | None = option(None, "weight of the temporal term holding each frame to the "
+                                           "previous stylised frames warped along the optical flow (0 = "
+                                           "independent frames; default: Ruder et al.'s, 6.5e7 for caffe "
+                                           "weights, 260 for torchvision, 2.6e5 for caffe-normalised; times "
+                                           "0.015 / the Gram content weight with --style-loss meancov)",
+                                           metavar="W", minimum=0.0, maximum=1e30)
     temporal_frames: tuple[int, ...] = option((1,), "earlier frames each frame is held to, as offsets (1 = the "
                                               "previous frame; e.g. 1,2,4 adds long-term targets)", metavar="J",
                                               minimum=1, maximum=100, many=True)

@@ -15,6 +15,7 @@ windows of frames as batches and then passes over the clip that pull neighbours 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
@@ -30,7 +31,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import color, flow
-from .config import StyleConfig, VideoConfig
+from .config import StyleConfig, VideoConfig, default_temporal_weight
 from .errors import ConfigError, FastNSTError, ImageError
 from .files import atomic_write
 from .images import image_to_tensor, load_image, resized, save_image
@@ -126,6 +127,7 @@ class VideoSummary:
     interrupted: bool = False
     seconds: float = 0.0
     consistency: list[float] = field(default_factory=list)  # per frame after the first
+    temporal_weight: float = 0.0  # the one used: --temporal-weight or the weights format's default
 
     @property
     def mean_consistency(self) -> float | None:
@@ -205,6 +207,7 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     folder = work_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
     runtime = runtime or resolve_runtime(config)
+    settings = _with_temporal_weight(settings, config, runtime)
     between = flow_function or functools.partial(flow.optical_flow, method=settings.flow, device=runtime.device)
     if settings.mode == "multipass":
         return _render_multipass(clip, source, styles, Path(output), folder, config, settings, should_stop,
@@ -218,7 +221,7 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     flows = _Flows(offsets, between)
     contents: dict[int, torch.Tensor] = {}  # original content frames kept for the flows
     outputs: dict[int, torch.Tensor] = {}  # stylised frames kept for the warps
-    summary, size, started = VideoSummary(), None, time.perf_counter()
+    summary, size, started = VideoSummary(temporal_weight=settings.temporal_weight), None, time.perf_counter()
     keep = max(offsets, default=1)
     frames = clip.frames()
     bar = tqdm(total=clip.count, unit="frame", desc="video", disable=not progress, dynamic_ncols=True)
@@ -271,6 +274,15 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     if not summary.interrupted and is_video_path(output):
         encode(folder, summary.frames, clip, Path(output))
     return summary
+
+
+def _with_temporal_weight(settings: VideoConfig, config: StyleConfig, runtime: Runtime) -> VideoConfig:
+    """``settings`` with --temporal-weight resolved: when not given, the default for the network's
+    weights format and the style loss (config.default_temporal_weight)."""
+    if settings.temporal_weight is not None:
+        return settings
+    return dataclasses.replace(settings,
+                               temporal_weight=default_temporal_weight(config.style_loss, runtime.weights_format))
 
 
 def _write_frame(folder: Path, index: int, outputs: dict[int, torch.Tensor], to_previous: tuple | None,
@@ -386,7 +398,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     run as one batch (Jacobi-style; Ruder et al. go frame by frame).  Results of every pass are kept
     as fp16 tensors in the work folder, so a rerun resumes at the first unfinished (pass, window)."""
     layers = feature_layers(config)
-    summary, started = VideoSummary(), time.perf_counter()
+    summary, started = VideoSummary(temporal_weight=settings.temporal_weight), time.perf_counter()
     contents_folder = folder / "content"
     contents_folder.mkdir(exist_ok=True)
     style_images = [load_image(s) for s in styles]

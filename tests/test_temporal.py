@@ -9,7 +9,8 @@ import torch
 from fastnst import StyleConfig
 from fastnst.images import image_to_tensor, load_image, resized
 from fastnst.loop import Hooks
-from fastnst.objective import StyleObjective, TemporalTarget, feature_layers
+from fastnst.config import DEFAULT_LOSS_WEIGHTS, default_temporal_weight
+from fastnst.objective import StyleObjective, TemporalTarget, feature_layers, temporal_loss
 from fastnst.run import Inputs, Runtime, build_run, make_objective, resolve_runtime
 from fastnst.vgg import VGGFeatures, random_state_dict
 
@@ -38,6 +39,30 @@ def test_the_temporal_term_and_its_gradient_in_float64():
     expected = 7.0 * (temporal.mask * (image - temporal.target) ** 2).flatten(1).sum(1) / d
     torch.testing.assert_close(losses, expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(grad, 2 * 7.0 * temporal.mask * (image - temporal.target) / d, rtol=1e-12, atol=1e-15)
+
+
+def test_the_caffe_default_is_ruders_temporal_weight_on_0_to_255_images():
+    """artistic-videos weighs mean(c (x - w)^2) by 1e3 on caffe's 0-255 images; fastnst's images are
+    in [0, 1], so its caffe default must give the same term."""
+    image, temporal = torch.rand(2, 3, 8, 10, dtype=torch.float64), _temporal((2, 3, 8, 10), 5, 1.0)
+    temporal = TemporalTarget(temporal.target.double(), temporal.mask.double(), 1.0)
+    ours = default_temporal_weight("gram", "caffe") * temporal_loss(image, temporal)
+    ruder = 1e3 * (temporal.mask * (255 * image - 255 * temporal.target) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(ours, ruder, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("style_loss, weights_format, documented", [
+    ("gram", "torchvision", 260), ("gram", "caffe-normalised", 2.6e5), ("meancov", "torchvision", 260 * 0.015),
+    ("meancov", "caffe", 6.5e7 * 0.015 / 5)])
+def test_other_formats_default_temporal_weights_are_the_documented_ones(style_loss, weights_format, documented):
+    """The caffe value carried to the other formats as config.py derives it (k^2 = alpha_caffe beta /
+    (beta_caffe alpha), gamma / (alpha k^2) kept): the values --help and the README give."""
+    caffe_alpha, caffe_beta = DEFAULT_LOSS_WEIGHTS[("gram", "caffe")]
+    alpha, beta = DEFAULT_LOSS_WEIGHTS[("gram", weights_format)]
+    k2 = caffe_alpha * beta / (caffe_beta * alpha)
+    gram_gamma = default_temporal_weight("gram", "caffe") * alpha / (caffe_alpha * k2)
+    assert default_temporal_weight("gram", weights_format) == pytest.approx(gram_gamma)
+    assert default_temporal_weight(style_loss, weights_format) == pytest.approx(documented, rel=2e-3)
 
 
 def test_tiled_temporal_and_tv_terms_equal_the_untiled_ones():

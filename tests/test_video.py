@@ -13,7 +13,7 @@ import torch
 
 from fastnst import StyleConfig
 from fastnst.cli import main
-from fastnst.config import VideoConfig
+from fastnst.config import VideoConfig, default_temporal_weight
 from fastnst.images import image_to_tensor, load_image, resized, save_image
 from fastnst.video import open_clip, render_video, work_folder
 
@@ -107,6 +107,7 @@ def test_an_interrupted_clip_resumes_without_rendering_finished_frames(tmp_path)
 
     first = render_video(clip, [STYLE], out, config, VideoConfig(), should_stop=stop_after_five, progress=False)
     assert first.interrupted and first.rendered == 5
+    assert first.temporal_weight == default_temporal_weight("gram", "torchvision")  # random weights' format
     stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("frame_*.png")}
     second = render_video(clip, [STYLE], out, config, VideoConfig(), progress=False)
     assert not second.interrupted and second.skipped == 5 and second.rendered == 2
