@@ -58,8 +58,11 @@ def main() -> int:
         options.append(f"--junitxml={args.junit}")
     if importlib.util.find_spec("pytest_timeout"):
         options.append(f"--timeout={PER_TEST_SECONDS}")
-    if importlib.util.find_spec("xdist") and not args.dry_run and (os.cpu_count() or 1) >= 4:
-        options += ["-n", str(min(8, os.cpu_count()))]
+    if importlib.util.find_spec("xdist"):  # the project's addopts say -n auto: choose here instead
+        workers = min(8, os.cpu_count() or 1) if not args.dry_run and (os.cpu_count() or 1) >= 4 else 0
+        options += ["-n", str(workers)]
+    else:  # without pytest-xdist the project's "-n auto" would be an unknown option
+        options += ["-o", "addopts=-ra"]
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     tally = Tally()

@@ -1,6 +1,6 @@
 """pytest-benchmark suite: one step of fastnst's fast path vs the textbook reference.
 
-    pytest benchmarks --benchmark-only
+    pytest benchmarks --benchmark-only -n 0    # in one process: pytest-benchmark does not time under xdist
 
 Small sizes on the CPU (64 and 128 px), real sizes on a GPU (512 and 1024 px).  Each round runs a
 few steps and, on a GPU, synchronises, so the clock sees the GPU work.

@@ -121,10 +121,14 @@ def test_lbfgs_matches_torch_on_the_style_objective():
         losses.append(reference.step(closure).item())
         optimizer.update(ours, grad)
         their_step, our_step = theirs.detach() - start, ours.detach() - start
-        # x + step is rounded to x's precision: allow a few ulps of x on top of 1e-5 of the step.
+        # x + step is rounded to x's precision: allow a few ulps of x on top of 2e-4 of the step.
+        # The two-loop recursion's dot products are summed in another order than torch's, and
+        # after the loss's 1e9x overshoots the pairs are ill-conditioned: on 40 px steps the
+        # difference measured 1.4e-5 of the step with two threads and 8.6e-5 with one (pytest
+        # -n gives each worker one); a different algorithm differs by O(1).
         ulps = 4 * torch.finfo(torch.float32).eps * start.abs().max().item()
         torch.testing.assert_close(our_step, their_step, rtol=1e-4,
-                                   atol=1e-5 * their_step.abs().max().item() + ulps)
+                                   atol=2e-4 * their_step.abs().max().item() + ulps)
     assert min(losses) < 0.9 * losses[0]
 
 
