@@ -78,8 +78,18 @@ class Clip:
             for path in self.files:
                 yield load_image(path)
             return
-        with _av().open(str(self.path)) as container:
-            for frame in container.decode(video=0):
+        av = _av()
+        with av.open(str(self.path)) as container:
+            decoded, number = container.decode(video=0), 0
+            while True:
+                number += 1
+                try:
+                    frame = next(decoded, None)
+                except av.error.FFmpegError as exc:  # damaged data mid-stream: the user's input, one line
+                    raise ImageError(f"frame {number} of '{self.path}' cannot be decoded "
+                                     f"({exc.strerror or exc})") from None
+                if frame is None:
+                    return
                 yield frame.to_image().convert("RGB")
 
 

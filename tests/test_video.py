@@ -130,6 +130,10 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
         chunk.sample_rate, chunk.pts = 44100, 0
         for packet in [*audio.encode(chunk), *audio.encode()]:
             out.mux(packet)
+    damaged = tmp_path / "damaged.mp4"
+    data = bytearray(_video_with_audio(tmp_path / "whole.mp4", frames=24).read_bytes())
+    data[len(data) // 3:len(data) // 3 + 2000] = b"\xff" * 2000  # garbage in the middle of the stream
+    damaged.write_bytes(bytes(data))
     cases = {
         "no video stream": ([str(sound)], "has no video stream"),
         "empty folder": ([str(empty)], "holds no frames"),
@@ -141,6 +145,10 @@ def test_bad_inputs_are_one_line(tmp_path, capsys):
         code = main(["video", *args, STYLE, "-o", str(tmp_path / f"out-{name}"), *FAST])
         err = capsys.readouterr().err
         assert code == 2 and err.count("\n") == 1 and message in err, (name, err)
+    code = main(["video", str(damaged), STYLE, "-o", str(tmp_path / "damaged-out.mp4"), *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "cannot be decoded" in err, err
+    assert not (tmp_path / "damaged-out.mp4").exists()  # no half-written video (the frames before stay)
     with pytest.raises(Exception, match="no such file"):
         open_clip(tmp_path / "absent", None)
 
