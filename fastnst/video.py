@@ -338,7 +338,8 @@ def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, 
 
 def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
     """The frames of ``folder`` as ``output`` (its extension's codec, the clip's frame rate), with
-    the clip's audio streams copied; written next to ``output`` and renamed into place."""
+    the clip's audio streams copied (``_audio_stream``); written next to ``output`` and renamed
+    into place."""
     av = _av()
 
     def write(stream) -> None:
@@ -350,7 +351,7 @@ def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
             audio_in = None
             if clip.files is None:
                 audio_in = av.open(str(clip.path))
-                copies = {s.index: out.add_stream_from_template(s) for s in audio_in.streams.audio}
+                audio = {s.index: _audio_stream(out, s, output) for s in audio_in.streams.audio}
             for index in range(count):
                 with Image.open(folder / _frame_name(index)) as image:
                     picture = image.convert("RGB").crop((0, 0, video.width, video.height))
@@ -360,13 +361,38 @@ def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
                 out.mux(packet)
             if audio_in is not None:
                 for packet in audio_in.demux(*audio_in.streams.audio):
-                    if packet.dts is None:
+                    if packet.dts is None:  # a stream's flush marker: encoders are flushed below
                         continue
-                    packet.stream = copies[packet.stream.index]
-                    out.mux(packet)
+                    target, copied = audio[packet.stream.index]
+                    if copied:
+                        packet.stream = target
+                        out.mux(packet)
+                        continue
+                    for samples in packet.decode():
+                        samples.pts = None  # the encoder counts its own (resampled) samples
+                        out.mux(target.encode(samples))
+                for target, copied in audio.values():
+                    if not copied:
+                        out.mux(target.encode(None))
                 audio_in.close()
 
     atomic_write(output, write, error=FastNSTError)
+
+
+# Audio codecs for a container that cannot hold the input's audio as it is (WebM: Opus or Vorbis).
+AUDIO_CODECS = {".webm": "libopus"}
+
+
+def _audio_stream(out, source, output: Path) -> tuple[object, bool]:
+    """``source``'s audio stream in ``out``: (stream, True) a copy of its packets where the
+    container takes the codec, else (stream, False) to re-encode into (Opus for WebM, AAC
+    elsewhere; Opus runs at 48 kHz, the encoder resamples)."""
+    try:
+        return out.add_stream_from_template(source), True
+    except ValueError:  # PyAV: "'webm' format does not support 'aac' codec"
+        codec = AUDIO_CODECS.get(output.suffix.lower(), "aac")
+        rate = 48000 if codec == "libopus" else source.rate
+        return out.add_stream(codec, rate=rate, layout=source.layout.name), False
 
 
 def _container_format(output: Path) -> str:

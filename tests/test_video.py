@@ -15,7 +15,7 @@ from fastnst import StyleConfig
 from fastnst.cli import main
 from fastnst.config import VideoConfig, default_temporal_weight
 from fastnst.images import image_to_tensor, load_image, resized, save_image
-from fastnst.video import open_clip, render_video, work_folder
+from fastnst.video import encode, open_clip, render_video, work_folder
 
 from .conftest import EXAMPLES
 
@@ -93,6 +93,15 @@ def test_a_video_file_round_trips_with_its_rate_and_audio(tmp_path):
         assert len(container.streams.audio) == 1
         assert sum(1 for packet in container.demux(audio=0) if packet.size) > 10
     assert (work_folder(out) / "manifest.jsonl").exists()
+    # WebM cannot hold AAC: the same frames encoded as VP9 carry the audio re-encoded as Opus.
+    webm = tmp_path / "out.webm"
+    encode(work_folder(out), 12, open_clip(source, None), webm)
+    with av.open(str(webm)) as container:
+        assert [s.codec_context.name for s in container.streams] == ["vp9", "opus"]
+        assert sum(1 for _ in container.decode(video=0)) == 12
+    with av.open(str(webm)) as container:
+        seconds = sum(frame.samples for frame in container.decode(audio=0)) / container.streams.audio[0].rate
+        assert abs(seconds - 1.0) < 0.05, seconds  # the one-second tone, resampled to 48 kHz
 
 
 def test_an_interrupted_clip_resumes_without_rendering_finished_frames(tmp_path):
