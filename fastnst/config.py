@@ -569,7 +569,8 @@ class VideoConfig:
                          minimum=1, maximum=100)
     window: int = option(8, "multipass: frames optimised together as one batch", metavar="N",
                          minimum=1, maximum=1024)
-    force: bool = option(False, "render frames again even if the manifest says they are done")
+    force: bool = option(False, "render every frame again: first remove what an earlier command left in the "
+                         "work folder (frames, manifest, passes, flows)")
 
     def __post_init__(self) -> None:
         if isinstance(self.temporal_frames, (list, int)):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import re
 import time
@@ -31,7 +32,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import color, flow
-from .config import StyleConfig, VideoConfig, default_temporal_weight
+from .config import ObjectiveOptions, ScheduleOptions, StyleConfig, VideoConfig, default_temporal_weight
 from .errors import ConfigError, FastNSTError, ImageError
 from .files import atomic_write
 from .images import image_to_tensor, load_image, resized, save_image
@@ -46,6 +47,7 @@ VIDEO_CODECS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv":
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 FOLDER_RATE = Fraction(25)  # frames per second of a folder of frames unless --fps says otherwise
 MANIFEST = "manifest.jsonl"
+RECIPE = "command.json"  # what the work folder's frames are of (_recipe)
 
 
 def _av():
@@ -214,17 +216,18 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     """Stylise every frame of ``source`` into ``output`` (module docstring).  ``flow_function``
     replaces --flow (benchmarks with a known motion, where neither OpenCV nor RAFT is at hand)."""
     clip = open_clip(source, settings.fps)
+    style_images = [load_image(s) for s in styles]
     folder = work_folder(output)
     folder.mkdir(parents=True, exist_ok=True)
+    _claim(folder, _recipe(clip, style_images, config, settings), settings.force)
     runtime = runtime or resolve_runtime(config)
     settings = _with_temporal_weight(settings, config, runtime)
     between = flow_function or functools.partial(flow.optical_flow, method=settings.flow, device=runtime.device)
     if settings.mode == "multipass":
-        return _render_multipass(clip, source, styles, Path(output), folder, config, settings, should_stop,
+        return _render_multipass(clip, source, style_images, Path(output), folder, config, settings, should_stop,
                                  progress, runtime, between)
-    done = {} if settings.force else _done(folder)
+    done = _done(folder)
     layers = feature_layers(config)
-    style_images = [load_image(s) for s in styles]
     # Flow to the previous frame is always computed: the consistency metric needs it, also for
     # independent frames (--temporal-weight 0), against which the temporal term is judged.
     offsets = tuple(sorted(set(settings.temporal_frames) | {1})) if settings.temporal_weight else (1,)
@@ -284,6 +287,65 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
     if not summary.interrupted and is_video_path(output):
         encode(folder, summary.frames, clip, Path(output))
     return summary
+
+
+def _recipe(clip: Clip, style_images: list[Image.Image], config: StyleConfig, settings: VideoConfig) -> dict:
+    """What the frames in a work folder are of: the input, the style images' pixels, and every
+    option that changes a frame (not the device, precision or kernels, which may change between
+    a run and its resumption, nor --fps or --force)."""
+    options = {**dataclasses.asdict(config.part(ScheduleOptions)), **dataclasses.asdict(config.part(ObjectiveOptions)),
+               **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("fps", "force")}}
+    styles = [hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:16] for image in style_images]
+    return {"input": str(clip.path.resolve()), "styles": styles,
+            "options": json.loads(json.dumps(options, default=str))}
+
+
+def _claim(folder: Path, recipe: dict, force: bool) -> None:
+    """Make the work folder this command's: a rerun of the same command resumes, another command
+    (other input, styles or options) is refused rather than mixing its frames with the old ones,
+    and --force takes the folder over: what earlier commands left in it is removed first, so an
+    interrupted forced run cannot resume onto older frames."""
+    if force:
+        _clear(folder)
+    path = folder / RECIPE
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None  # unreadable: written by nothing we know; the frames cannot be trusted
+        if old != recipe:
+            raise ConfigError(f"'{folder}' holds the frames of another command ({_difference(old, recipe)}); "
+                              f"rerun with --force to render them again, or give another -o")
+    elif any(folder.glob("frame_*.png")):
+        raise ConfigError(f"'{folder}' already holds frames that no fastnst video command claims; "
+                          f"rerun with --force to replace them, or give another -o")
+    atomic_write(path, lambda stream: stream.write(json.dumps(recipe, indent=1).encode()), error=FastNSTError)
+
+
+def _clear(folder: Path) -> None:
+    """Remove what fastnst video writes into a work folder (and nothing else)."""
+    for path in [folder / MANIFEST, folder / RECIPE, *folder.glob("frame_*.png")]:
+        path.unlink(missing_ok=True)
+    for sub in [folder / "content", folder / "flows", *folder.glob("pass[0-9]*")]:
+        if sub.is_dir():
+            for item in sub.glob("*.pt"):
+                item.unlink()
+
+
+def _difference(old: dict | None, new: dict) -> str:
+    """The first thing that differs between two recipes, for the error message."""
+    if not isinstance(old, dict):
+        return f"its {RECIPE} cannot be read"
+    if old.get("input") != new["input"]:
+        return f"input {old.get('input')}"
+    if old.get("styles") != new["styles"]:
+        return "other style images"
+    before = old.get("options", {})
+    for name, value in new["options"].items():
+        if before.get(name) != value:
+            shown = ["default" if v is None else v for v in (before.get(name), value)]
+            return f"--{name.replace('_', '-')} {shown[0]} there, {shown[1]} here"
+    return "other options"
 
 
 def _with_temporal_weight(settings: VideoConfig, config: StyleConfig, runtime: Runtime) -> VideoConfig:
@@ -423,7 +485,7 @@ def _load_tensor(path: Path) -> torch.Tensor:
     return torch.load(path, map_location="cpu", weights_only=True).float()
 
 
-def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Path, config: StyleConfig,
+def _render_multipass(clip: Clip, source, style_images: list, output: Path, folder: Path, config: StyleConfig,
                       settings: VideoConfig, should_stop: Callable[[], bool], progress: bool,
                       runtime: Runtime, between: FlowFunction) -> VideoSummary:
     """Ruder et al.'s multi-pass scheme, batched: the first pass renders every frame independently,
@@ -437,7 +499,6 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     summary, started = VideoSummary(temporal_weight=settings.temporal_weight), time.perf_counter()
     contents_folder = folder / "content"
     contents_folder.mkdir(exist_ok=True)
-    style_images = [load_image(s) for s in styles]
     size = None
     for index, image in enumerate(clip.frames()):  # the content frames, resized, once
         frame = resized(image, config.size)
@@ -448,7 +509,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
             raise ImageError(f"frame {index + 1} of '{source}' is {image.size[0]}x{image.size[1]} px; the first "
                              f"was another size (every frame must have the first's size)")
         path = contents_folder / f"{index:06d}.pt"
-        if settings.force or not path.exists():
+        if not path.exists():
             _save_tensor(image_to_tensor(frame), path)
         summary.frames = index + 1
     count = summary.frames
@@ -458,7 +519,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     tile = _tile(runtime, config, size)
     iterations = _pass_iterations(config, settings.passes if settings.temporal_weight else 0)  # 0: independent
     content = lambda i: _load_tensor(contents_folder / f"{i:06d}.pt")  # noqa: E731
-    motion = _motion_cache(folder / "flows", between, content, settings.force)
+    motion = _motion_cache(folder / "flows", between, content)
     result_path = lambda p, i: folder / f"pass{p}" / f"{i:06d}.pt"  # noqa: E731
     windows = [list(range(start, min(start + settings.window, count))) for start in range(0, count, settings.window)]
     bar = tqdm(total=len(iterations) * count, unit="frame", desc="video (passes)", disable=not progress,
@@ -471,7 +532,7 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
                 if should_stop():
                     summary.interrupted = True
                     return summary
-                if not settings.force and all(result_path(p, i).exists() for i in window):
+                if all(result_path(p, i).exists() for i in window):
                     summary.skipped += len(window) if p == len(iterations) - 1 else 0
                     bar.update(len(window))
                     continue
@@ -509,20 +570,18 @@ def _render_multipass(clip: Clip, source, styles: list, output: Path, folder: Pa
     return summary
 
 
-def _motion_cache(folder: Path, between: FlowFunction, content: Callable[[int], torch.Tensor],
-                  force: bool) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
+def _motion_cache(folder: Path, between: FlowFunction,
+                  content: Callable[[int], torch.Tensor]) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """``motion(i, n)``: the ``_motion`` from frame i to frame n, computed once for the clip and kept
     in ``folder`` (every pass, and the final consistency, needs the same pairs again)."""
     folder.mkdir(exist_ok=True)
-    fresh: set[Path] = set()  # with --force, what this run computed (older files are recomputed)
 
     def motion(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = folder / f"{i:06d}-{n:06d}.pt"
-        if path.exists() and (not force or path in fresh):
+        if path.exists():
             return tuple(torch.load(path, map_location="cpu", weights_only=True))  # type: ignore[return-value]
         result = _motion(between, content(i), content(n))
         atomic_write(path, lambda stream: torch.save(result, stream), error=FastNSTError)
-        fresh.add(path)
         return result
 
     return motion

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastnst import StyleConfig
 from fastnst.cli import main
@@ -122,6 +123,42 @@ def test_an_interrupted_clip_resumes_without_rendering_finished_frames(tmp_path)
     assert not second.interrupted and second.skipped == 5 and second.rendered == 2
     assert all(p.stat().st_mtime_ns == stamps[p.name] for p in out.glob("frame_*.png") if p.name in stamps)
     assert len(list(out.glob("frame_*.png"))) == 7
+
+
+def test_a_work_folder_belongs_to_one_command(tmp_path, capsys):
+    """Another command into the same work folder is refused, naming the difference, instead of
+    mixing its frames with the old ones; --force starts afresh, and an interrupted forced run
+    resumes onto its own frames only."""
+    clip = _translating_clip(tmp_path / "clip", frames=3)
+    out = tmp_path / "out"
+    assert main(["video", str(clip), STYLE, "-o", str(out), *FAST, "--iterations", "1", "--size", "32"]) == 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("frame_*.png")}
+    for extra, difference in [(["--size", "48"], "--size 32 there, 48 here"),
+                              (["--size", "32", "--temporal-weight", "5"], "--temporal-weight default there"),
+                              (["--size", "32", "--style-scale", "0.5"], "--style-scale 1.0 there, 0.5 here")]:
+        assert main(["video", str(clip), STYLE, "-o", str(out), *FAST, "--iterations", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert difference in err and "--force" in err and err.count("\n") == 1, err
+    other_style = str(EXAMPLES / "the_scream.jpg")
+    assert main(["video", str(clip), other_style, "-o", str(out), *FAST, "--iterations", "1", "--size", "32"]) == 2
+    assert "other style images" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("frame_*.png")} == stamps  # nothing touched
+    # The same command on another precision resumes: every frame already done.
+    config = StyleConfig(weights="random", size=32, iterations=1, device="cpu", quiet=True, precision="fp32")
+    assert render_video(clip, [STYLE], out, config, VideoConfig(), progress=False).skipped == 3
+    # --force at 48 px, stopped after one frame: a plain rerun renders the other two at 48 px.
+    config = StyleConfig(weights="random", size=48, iterations=1, device="cpu", quiet=True)
+    first = render_video(clip, [STYLE], out, config, VideoConfig(force=True), progress=False,
+                         should_stop=lambda: len(list(out.glob("frame_*.png"))) >= 1)
+    assert first.interrupted and first.rendered == 1 and len(list(out.glob("frame_*.png"))) == 1
+    second = render_video(clip, [STYLE], out, config, VideoConfig(), progress=False)
+    assert second.skipped == 1 and second.rendered == 2
+    assert {Image.open(p).size for p in out.glob("frame_*.png")} == {(48, 36)}
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    save_image(torch.rand(1, 3, 24, 32), stray / "frame_000001.png")
+    assert main(["video", str(clip), STYLE, "-o", str(stray), *FAST, "--iterations", "1", "--size", "32"]) == 2
+    assert "no fastnst video command claims" in capsys.readouterr().err
 
 
 def test_bad_inputs_are_one_line(tmp_path, capsys):
