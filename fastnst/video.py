@@ -44,6 +44,9 @@ from .run import Inputs, Runtime, build_run, calibrate, initial_image, resolve_r
 # Output extensions written as video files, and the encoder each uses (all in PyAV's wheels).
 VIDEO_CODECS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264",
                 ".webm": "libvpx-vp9", ".avi": "mpeg4"}
+# Audio codec for a container that cannot hold the input's audio as it is (WebM: Opus or Vorbis;
+# AAC for the others).
+AUDIO_CODECS = {".webm": "libopus"}
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 FOLDER_RATE = Fraction(25)  # frames per second of a folder of frames unless --fps says otherwise
 MANIFEST = "manifest.jsonl"
@@ -439,10 +442,6 @@ def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
                 audio_in.close()
 
     atomic_write(output, write, error=FastNSTError)
-
-
-# Audio codecs for a container that cannot hold the input's audio as it is (WebM: Opus or Vorbis).
-AUDIO_CODECS = {".webm": "libopus"}
 
 
 def _audio_stream(out, source, output: Path) -> tuple[object, bool]:
