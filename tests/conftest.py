@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (``-n 2``) each worker takes one core: two workers with torch's default of
-# one thread per core would oversubscribe the machine.
+# Under pytest-xdist (the project's ``-n auto``: a worker per core) each worker takes one thread:
+# workers with torch's default of one thread per core each would oversubscribe the machine.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
