@@ -466,13 +466,13 @@ def _container_format(output: Path) -> str:
 
 
 def _pass_iterations(config: StyleConfig, passes: int) -> list[int]:
-    """--iterations split over 1 + passes passes: half in the first (independent) pass, the rest
-    evenly over the others (each at least 1); all of them in the first when there are no others."""
-    if passes == 0:
-        return [config.iterations]
-    first = max(1, config.iterations // 2)
-    rest = max(1, (config.iterations - first) // max(passes, 1))
-    return [first] + [rest] * passes
+    """--iterations split over 1 + passes passes, adding up to --iterations: half in the first
+    (independent) pass, the rest as evenly as can be over the others, which are at most as many as
+    the iterations left (each runs at least one); all in the first when there are no others."""
+    first = max(1, config.iterations // 2) if passes else config.iterations
+    left = config.iterations - first
+    passes = min(passes, left)
+    return [first] + [left // passes + (k < left % passes) for k in range(passes)]
 
 
 def _save_tensor(image: torch.Tensor, path: Path) -> None:

@@ -16,7 +16,7 @@ from fastnst import StyleConfig
 from fastnst.cli import main
 from fastnst.config import VideoConfig, default_temporal_weight
 from fastnst.images import image_to_tensor, load_image, resized, save_image
-from fastnst.video import encode, open_clip, render_video, work_folder
+from fastnst.video import _pass_iterations, encode, open_clip, render_video, work_folder
 
 from .conftest import EXAMPLES
 
@@ -207,6 +207,17 @@ def test_tiled_frames_and_luminance_control(tmp_path):
         out = tmp_path / name
         assert main(["video", str(clip), STYLE, "-o", str(out), *FAST, "--iterations", "3", *extra]) == 0, name
         assert len(list(out.glob("frame_*.png"))) == 3
+
+
+@pytest.mark.parametrize("iterations, passes", [(500, 15), (60, 4), (20, 15), (10, 15), (2, 15), (1, 15), (7, 0)])
+def test_multipass_iterations_add_up_to_the_frame_total(iterations, passes):
+    """--iterations is each frame's total: half in the first pass, the rest spread (differing by at
+    most one) over at most --passes later passes, each at least one iteration."""
+    split = _pass_iterations(StyleConfig(iterations=iterations), passes)
+    assert sum(split) == iterations and split[0] == (max(1, iterations // 2) if passes else iterations)
+    later = split[1:]
+    assert len(later) == min(passes, iterations - split[0]) and all(n >= 1 for n in later)
+    assert not later or max(later) - min(later) <= 1
 
 
 def test_multipass_batches_windows_and_pulls_neighbours_together(tmp_path):
