@@ -565,8 +565,8 @@ class VideoConfig:
                        "(windows of frames optimised as one batch, then passes alternating direction that pull "
                        "neighbours together; --iterations is split over the passes)",
                        choices=("sequential", "multipass"))
-    passes: int = option(15, "multipass: passes after the first (independent) one, as Ruder et al.'s (at most "
-                         "the iterations left after the first pass, which takes half)", metavar="P",
+    passes: int = option(15, "multipass: passes after the first (independent) one, Ruder et al.'s number; no "
+                         "more than the iterations left after the first pass, which takes half", metavar="P",
                          minimum=1, maximum=100)
     window: int = option(8, "multipass: frames optimised together as one batch", metavar="N",
                          minimum=1, maximum=1024)
