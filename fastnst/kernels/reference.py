@@ -9,7 +9,6 @@ so the products here run with autocast switched off, as the Triton kernels do.
 
 from __future__ import annotations
 
-
 import torch
 
 from .full_precision import full_precision
