@@ -29,12 +29,13 @@ import torch
 from PIL import Image
 
 from . import color
-from .config import INITS, BatchConfig, StyleConfig
+from .config import INITS, NOT_IN_COMMAND, BatchConfig, StyleConfig, single_scale
 from .errors import ConfigError, FastNSTError, ImageError, first_line
 from .images import SAVE_FORMATS, image_to_tensor, load_image, read_metadata, resized, save_image
 from .loop import Hooks
 from .measure import SAFETY, free_bytes, model_flops, peak_tflops
 from .objective import check_fits, feature_layers
+from .recipe import file_fingerprint, first_difference, pixel_options
 from .run import Inputs, Runtime, build_run, calibrate, initial_image, resolve_runtime
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif")
@@ -61,12 +62,14 @@ class Outcome:
     size: tuple[int, int] | None = None  # (width, height)
     iterations: int = 0
     batch: int = 0
+    recipe: dict | None = None  # what a done job was rendered from (job_recipe): a rerun compares it
 
 
 @dataclass
 class Summary:
     outcomes: list[Outcome] = field(default_factory=list)
-    skipped: int = 0  # finished in an earlier run
+    skipped: int = 0  # finished in an earlier run, from the same recipe
+    replaced: int = 0  # finished in an earlier run from another recipe: rendered again
     seconds: float = 0.0
     megapixel_iterations: float = 0.0
     model_flops: float = 0.0
@@ -87,11 +90,13 @@ class Summary:
 
 
 def expand_contents(items: tuple[str, ...]) -> list[str]:
-    """Files as given, folders as their images (sorted), glob patterns as their matches (sorted)."""
+    """Files as given, folders as their images (sorted; hidden files are no images: macOS's ``._*``),
+    glob patterns as their matches (sorted)."""
     paths: list[str] = []
     for item in items:
         if os.path.isdir(item):
-            found = sorted(str(p) for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(str(p) for p in Path(item).iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))  # not ._* forks
             if not found:
                 raise ConfigError(f"--content: folder '{item}' holds no images")
             paths += found
@@ -185,8 +190,11 @@ def jobs_from_file(batch: BatchConfig, config: StyleConfig) -> list[Job]:
         unknown = sorted(set(options) - fields)
         if unknown:
             raise ConfigError(f"{where}: unknown option '{unknown[0]}'")
+        inert = sorted(set(options) & set(NOT_IN_COMMAND["batch"]))
+        if inert:
+            raise ConfigError(f"{where}: '{inert[0]}' does not apply in batch (see fastnst batch --help)")
         try:
-            job_config = config.replace(**options).validate(n_styles=len(styles))
+            job_config = single_scale(config.replace(**options))[0].validate(n_styles=len(styles))
         except FastNSTError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         if "name" in entry:
@@ -216,18 +224,55 @@ def _variants(content, styles, config, variations, template, out, labels=None) -
 
 
 def _unique(jobs: list[Job]) -> list[Job]:
+    """Jobs whose outputs are distinct and are none of the inputs (a job would overwrite its own
+    content or style image, or another job's)."""
     seen: dict[str, Job] = {}
+    inputs = {os.path.realpath(path) for job in jobs for path in (job.content, *job.styles)}
     for job in jobs:
         if job.id in seen:
             raise ConfigError(f"two jobs would write '{job.id}' ({seen[job.id].content} and {job.content}); "
                               f"use a --name template that tells them apart")
+        if os.path.realpath(job.output) in inputs:
+            raise ConfigError(f"job '{job.id}' would overwrite the input '{job.output}'; give another --out "
+                              f"or --name")
         seen[job.id] = job
     return jobs
+
+
+def check_out_folder(batch: BatchConfig) -> None:
+    """--out must not be one of the --content folders: the next run would read its outputs as
+    content images."""
+    out = os.path.realpath(batch.out)
+    for item in batch.content or ():
+        if os.path.isdir(item) and os.path.realpath(item) == out:
+            raise ConfigError(f"--out '{batch.out}' is a --content folder: the next run would take its outputs "
+                              f"for content images; give another --out")
 
 
 def rank_of(job: Job, world: int) -> int:
     """The rank that renders ``job``: a hash of its id, stable across runs and world sizes."""
     return int(hashlib.sha1(job.id.encode()).hexdigest(), 16) % world
+
+
+def job_recipe(job: Job, fingerprints: dict[str, str] | None = None) -> dict | None:
+    """What a job's output is of (recipe.py): its content, styles and --init image by content, and
+    every option that changes its pixels; None when an input cannot be read.  ``fingerprints``
+    caches file hashes (a style image is shared by many jobs)."""
+    fingerprints = {} if fingerprints is None else fingerprints
+
+    def of(path: str) -> str:
+        if path not in fingerprints:
+            fingerprints[path] = file_fingerprint(path)
+        return fingerprints[path]
+
+    try:
+        recipe = {"input": of(job.content), "styles": [of(s) for s in job.styles],
+                  "options": pixel_options(job.config)}
+        if job.config.init not in INITS:
+            recipe["init"] = of(job.config.init)
+        return recipe
+    except OSError:
+        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,9 +285,10 @@ class Manifest:
     def __init__(self, folder: Path):
         self.path = folder / "manifest.jsonl"
 
-    def finished(self) -> set[str]:
-        """Ids of jobs recorded as done whose output file still exists."""
-        done = set()
+    def finished(self) -> dict[str, dict | None]:
+        """Jobs recorded as done whose output file still exists: id -> the recipe it was rendered
+        from (the last record of the job; None in manifests of fastnst versions without recipes)."""
+        done: dict[str, dict | None] = {}
         if not self.path.exists():
             return done
         for line in self.path.read_text().splitlines():
@@ -252,7 +298,9 @@ class Manifest:
                 continue  # a line cut by a kill mid-write: that job simply runs again
             job = record.get("job")
             if record.get("status") == "done" and job and (self.path.parent / job).exists():
-                done.add(job)
+                done[job] = record.get("recipe")
+            elif record.get("status") == "failed" and job:
+                done.pop(job, None)  # rendered again since and failed: its output is an older one's
         return done
 
     def append(self, record: dict) -> None:
@@ -306,6 +354,7 @@ class _Ledger:
     summary: Summary
     manifest: Manifest
     notify: Callable[[str], None]
+    fingerprints: dict[str, str]  # file hashes for the recipes (job_recipe)
 
     def record(self, outcome: Outcome) -> None:
         self.summary.outcomes.append(outcome)
@@ -331,20 +380,40 @@ def auto_batch_size(config: StyleConfig, device: torch.device, width: int, heigh
     return max(1, min(fit, MAX_AUTO_BATCH, jobs))
 
 
+def _still_to_render(jobs: list[Job], finished: dict[str, dict | None], ledger: "_Ledger") -> list[Job]:
+    """The jobs to render: all but those done before from the same recipe.  A job done from
+    another recipe (other inputs by content, or options) is rendered again, and the user told."""
+    todo, first = [], None
+    for job in jobs:
+        if job.id not in finished:
+            todo.append(job)
+            continue
+        difference = first_difference(finished[job.id], job_recipe(job, ledger.fingerprints) or {})
+        if difference is None:
+            ledger.summary.skipped += 1
+            continue
+        todo.append(job)
+        ledger.summary.replaced += 1
+        first = first or f"{job.id}: {difference}"
+    if first:
+        count = ledger.summary.replaced
+        ledger.notify(f"{count} job{'s were' if count > 1 else ' was'} done from another recipe (first {first}); "
+                      f"rendering {'them' if count > 1 else 'it'} again")
+    return todo
+
+
 def run_batch(jobs: list[Job], batch: BatchConfig, device: torch.device, *, notify: Callable[[str], None],
               should_stop: Callable[[], bool] = lambda: False, stop_after_batches: int | None = None,
               progress: bool = True) -> Summary:
     """Render ``jobs`` (this rank's share) into batch.out; see the module docstring."""
     out = Path(batch.out)
     manifest = Manifest(out)
-    finished = set() if batch.force else manifest.finished()
-    summary = Summary(skipped=sum(job.id in finished for job in jobs))
-    ledger = _Ledger(summary, manifest, notify)
+    summary = Summary()
+    ledger = _Ledger(summary, manifest, notify, {})
+    todo = _still_to_render(jobs, {} if batch.force else manifest.finished(), ledger)
     started = time.perf_counter()
     buckets: dict[tuple, list[Job]] = {}
-    for job in jobs:
-        if job.id in finished:
-            continue
+    for job in todo:
         try:
             size = output_size(job)
         except FastNSTError as exc:
@@ -441,7 +510,7 @@ def _render_batch(jobs: list[Job], size: tuple[int, int], runtime: Runtime, ledg
             continue
         ledger.record(Outcome(job=job.id, status="done", output=str(job.output), seconds=seconds / len(ready),
                           loss=result.sample_losses[b], size=size, iterations=result.iterations,
-                          batch=len(ready)))
+                          batch=len(ready), recipe=job_recipe(job, ledger.fingerprints)))
     pixels = size[0] * size[1]
     ledger.summary.megapixel_iterations += len(ready) * pixels * result.iterations / 1e6
     ledger.summary.model_flops += len(ready) * model_flops(size[1], size[0]) * result.iterations
@@ -453,6 +522,7 @@ def throughput(summary: Summary, device_name: str) -> dict:
     """images/s, megapixel-iterations/s and, for known GPUs, the share of peak by the cost model."""
     seconds = max(summary.seconds, 1e-9)
     report = {"images": len(summary.done), "failed": len(summary.failed), "skipped": summary.skipped,
+              "replaced": summary.replaced,
               "seconds": summary.seconds, "images_per_second": len(summary.done) / seconds,
               "megapixel_iterations_per_second": summary.megapixel_iterations / seconds,
               "model_tflops": summary.model_flops / seconds / 1e12, "utilisation": None}
@@ -467,6 +537,7 @@ def merge_summaries(summaries: list[Summary]) -> Summary:
     for s in summaries:
         merged.outcomes += s.outcomes
         merged.skipped += s.skipped
+        merged.replaced += s.replaced
         merged.seconds = max(merged.seconds, s.seconds)
         merged.megapixel_iterations += s.megapixel_iterations
         merged.model_flops += s.model_flops

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 
 from .version import __version__
-from .config import BatchConfig, BenchConfig, StyleConfig, VideoConfig, flag_name
+from .config import NOT_IN_COMMAND, BatchConfig, BenchConfig, StyleConfig, VideoConfig, flag_name, single_scale
 from .errors import ConfigError, FastNSTError, NonFiniteLossError, RunError, UsageError
 
 EXIT_INTERRUPTED = 130
@@ -77,9 +79,12 @@ def _parses(element, text: str) -> bool:
         return False
 
 
-def add_config_flags(parser: argparse.ArgumentParser, defaults) -> None:
-    """One flag per field of a config dataclass, named after it (``style_weight`` -> ``--style-weight``)."""
+def add_config_flags(parser: argparse.ArgumentParser, defaults, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass, named after it (``style_weight`` -> ``--style-weight``),
+    but for the fields in ``skip`` (options that do not act in this command: config.NOT_IN_COMMAND)."""
     for f in dataclasses.fields(defaults):
+        if f.name in skip:
+            continue
         default, meta = getattr(defaults, f.name), f.metadata
         # SUPPRESS: only flags the user gives reach the namespace, so presets can fill the rest
         # (config_from_args); the help text shows the dataclass default.
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "that running the same command again skips them. Every stylize option sets the jobs' "
                     "defaults.")
     add_config_flags(batch, BatchConfig())
-    add_config_flags(batch, StyleConfig())
+    add_config_flags(batch, StyleConfig(), skip=NOT_IN_COMMAND["batch"])
     batch.set_defaults(run=_batch)
 
     video = commands.add_parser(
@@ -149,15 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_positionals(video, "input", "INPUT", "video file or folder of frames", "OUTPUT",
                      "video file (.mp4 .mov .mkv .webm .avi) or folder of frames")
     add_config_flags(video, VideoConfig())
-    add_config_flags(video, StyleConfig())
+    add_config_flags(video, StyleConfig(), skip=NOT_IN_COMMAND["video"])
     video.set_defaults(run=_video)
 
     plan = commands.add_parser(
         "plan", help="predicted peak memory and s/iter, untiled and tiled, and the tile --tile auto picks",
         description="Measure the step at two small sizes on the device, then predict peak memory and seconds "
                     "per iteration at --size (a square image), untiled and tiled, with the tile size --tile "
-                    "auto would pick and the L-BFGS state cost.  Takes the options of stylize.")
-    add_config_flags(plan, StyleConfig())
+                    "auto would pick and the L-BFGS state cost.  Takes the options of stylize that define "
+                    "the run (a stylize command line plans as it is, without its output options).")
+    add_config_flags(plan, StyleConfig(), skip=NOT_IN_COMMAND["plan"])
     plan.set_defaults(run=_plan)
 
     info = commands.add_parser("info", help="versions, devices, usable backends and the weights cache",
@@ -178,6 +184,19 @@ def checkpoint_path(output: Path, iteration: int, iterations: int) -> Path:
     """Where --save-every puts the image of ``iteration``: OUT_<iteration>.<ext>, zero-padded."""
     width = len(str(iterations))
     return output.with_name(f"{output.stem}_{iteration:0{width}d}{output.suffix}")
+
+
+def remove_old_checkpoints(output: Path, inputs: list[str]) -> list[Path]:
+    """Remove the --save-every images an earlier run left for OUT (OUT_<digits>.<ext>, not one of
+    ``inputs``): next to this run's they would pass for its own.  The paths removed."""
+    pattern = re.compile(re.escape(output.stem) + r"_\d+" + re.escape(output.suffix))
+    keep = {os.path.realpath(path) for path in inputs}
+    folder = output.parent if str(output.parent) else Path(".")
+    old = [path for path in folder.glob(f"{glob.escape(output.stem)}_*{glob.escape(output.suffix)}")
+           if pattern.fullmatch(path.name) and os.path.realpath(path) not in keep]
+    for path in old:
+        path.unlink(missing_ok=True)
+    return old
 
 
 class _InterruptFlag:
@@ -245,6 +264,12 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
     def checkpoint(iteration, image):
         write(image, checkpoint_path(output, iteration, total))
 
+    if config.save_every and main_rank:
+        removed = remove_old_checkpoints(output, [args.content, *args.styles])
+        if removed and not config.quiet:
+            _say(f"removed {len(removed)} --save-every image{'s' * (len(removed) > 1)} of an earlier run of "
+                 f"{output} ({', '.join(sorted(p.name for p in removed)[:3])}{', ...' if len(removed) > 3 else ''})")
+
     stop = _InterruptFlag()
     try:
         with stop:
@@ -293,30 +318,35 @@ def _video(args: argparse.Namespace) -> int:
     from .video import is_video_path, render_video, work_folder
 
     settings = config_from_args(VideoConfig, args).validate()
-    config = config_from_args(StyleConfig, args)
+    config, note = single_scale(config_from_args(StyleConfig, args))
     config.validate(n_styles=len(args.styles))
-    if config.scales or config.start_size:
-        raise ConfigError("video renders each frame at --size; --scales/--start-size are not supported")
     output = Path(args.output)
     if is_video_path(output):
         check_writable(output, ConfigError)
     elif output.exists() and not output.is_dir():
         raise ConfigError(f"'{output}' exists and is not a folder (give a video extension for a video file)")
-    with _InterruptFlag() as stop:
-        summary = render_video(args.input, list(args.styles), output, config, settings, should_stop=stop,
-                               progress=not config.quiet)
+    talk = (lambda message: None) if config.quiet else _say
+    if note:
+        talk(f"note: {note}")
+    kept = (f"every finished frame (and, with --mode multipass, pass) is kept in {work_folder(output)}: "
+            f"rerun the same command to continue")
+    try:
+        with _InterruptFlag() as stop:
+            summary = render_video(args.input, list(args.styles), output, config, settings, should_stop=stop,
+                                   progress=not config.quiet, notify=lambda message: _say(f"warning: {message}"))
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, but what was finished stays
+        _say(f"interrupted at once; {kept}")
+        return EXIT_INTERRUPTED
     mean = summary.mean_consistency
     if summary.interrupted:
-        _say(f"interrupted; every finished frame (and, with --mode multipass, pass) is kept in "
-             f"{work_folder(output)}: rerun the same command to continue")
+        _say(f"interrupted; {kept}")
         return stop.code
-    if not config.quiet:
-        rate = summary.rendered / summary.seconds if summary.seconds else 0.0
-        consistency = f", consistency error {mean:.4f}" if mean is not None else ""
-        _say(f"wrote {output} ({summary.frames} frames, {summary.rendered} rendered, {summary.skipped} already "
-             f"done, {rate:.2f} frames/s{consistency})")
-        if config.verbose:
-            _say(f"temporal weight {summary.temporal_weight:g}")
+    rate = summary.rendered / summary.seconds if summary.seconds else 0.0
+    consistency = f", consistency error {mean:.4f}" if mean is not None else ""
+    talk(f"wrote {output} ({summary.frames} frames; {summary.rendered} {summary.unit}s rendered, {summary.skipped} "
+         f"already done; {rate:.2f} {summary.unit}s/s{consistency})")
+    if config.verbose:
+        _say(f"temporal weight {summary.temporal_weight:g}")
     return 0
 
 
@@ -324,16 +354,16 @@ def _batch(args: argparse.Namespace) -> int:
     from . import distributed
 
     batch_config = config_from_args(BatchConfig, args).validate()
-    config = config_from_args(StyleConfig, args)
+    config, note = single_scale(config_from_args(StyleConfig, args))
     config.validate()
     shard = distributed.from_environment(config.device)
     try:
-        return _batch_with(batch_config, config, shard)
+        return _batch_with(batch_config, config, shard, note)
     finally:
         distributed.close(shard)
 
 
-def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
+def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard, note: str | None) -> int:
     from pathlib import Path
 
     from . import batch
@@ -342,19 +372,29 @@ def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
 
     main_rank = shard is None or shard.is_main
     out = Path(batch_config.out)
+    batch.check_out_folder(batch_config)
+    # Every job is built (and so checked) before the output folder is made: a bad --jobs line or a
+    # pattern that matches nothing leaves nothing behind.
+    jobs = batch.jobs_from_file(batch_config, config) if batch_config.jobs else \
+        batch.jobs_from_pairs(batch_config, config)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"--out: cannot create '{out}' ({exc.strerror or exc})") from None
     check_writable(out / "manifest.jsonl", UsageError)
-    jobs = batch.jobs_from_file(batch_config, config) if batch_config.jobs else \
-        batch.jobs_from_pairs(batch_config, config)
     device = shard.device if shard is not None else resolve_device(config.device)
     mine = jobs if shard is None else [job for job in jobs if batch.rank_of(job, shard.world) == shard.rank]
     talk = main_rank and not config.quiet
-    with _InterruptFlag() as stop:
-        summary = batch.run_batch(mine, batch_config, device, notify=_say if talk else (lambda message: None),
-                                  should_stop=stop, progress=talk)
+    say = _say if talk else (lambda message: None)
+    if note:
+        say(f"note: {note}")
+    try:
+        with _InterruptFlag() as stop:
+            summary = batch.run_batch(mine, batch_config, device, notify=say, should_stop=stop, progress=talk)
+    except KeyboardInterrupt:  # a second Ctrl-C: out at once, but finished jobs stay
+        _say(f"interrupted at once; the batch in flight was abandoned, finished jobs are in {out} "
+             f"(rerun the same command to continue)")
+        return EXIT_INTERRUPTED
     code = stop.code
     if shard is not None:
         summary = batch.merge_summaries(shard.gather(summary))
@@ -366,10 +406,11 @@ def _batch_with(batch_config: BatchConfig, config: StyleConfig, shard) -> int:
     for failure in summary.failed:
         _say(f"failed: {failure.job}: {failure.error}")
     utilisation = f", {report['utilisation']:.0%} of peak" if report["utilisation"] is not None else ""
-    _say(f"{report['images']} rendered, {report['failed']} failed, {report['skipped']} already done "
-         f"(of {len(jobs)} jobs) in {report['seconds']:.1f} s: {report['images_per_second']:.3f} images/s, "
-         f"{report['megapixel_iterations_per_second']:.2f} megapixel-iterations/s, "
-         f"{report['model_tflops']:.2f} model TFLOP/s{utilisation}")
+    replaced = f", {report['replaced']} of them again (another recipe)" if report["replaced"] else ""
+    say(f"{report['images']} rendered{replaced}, {report['failed']} failed, {report['skipped']} already done "
+        f"(of {len(jobs)} jobs) in {report['seconds']:.1f} s: {report['images_per_second']:.3f} images/s, "
+        f"{report['megapixel_iterations_per_second']:.2f} megapixel-iterations/s, "
+        f"{report['model_tflops']:.2f} model TFLOP/s{utilisation}")
     if summary.interrupted:
         _say("interrupted: the batch in flight was not written; run the same command again to finish")
         return code
@@ -547,7 +588,7 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"error: {exc}")
         return exc.exit_code
     except KeyboardInterrupt:
-        _say("interrupted; nothing was written")
+        _say("interrupted at once; nothing more was written")
         return EXIT_INTERRUPTED
     except Exception as exc:  # a bug: one line for users, the traceback on request
         if os.environ.get("FASTNST_DEBUG"):

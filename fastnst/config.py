@@ -433,6 +433,33 @@ class StyleConfig(OutputOptions, RuntimeOptions, ObjectiveOptions, ScheduleOptio
 
 
 
+# The stylize options each other command takes: every StyleConfig option but those that do
+# not act there (its --help does not list them, its parser refuses them, and a --jobs line that
+# sets one is refused).  batch renders every job at one size, untiled, without masks (each job
+# would need its own), checkpoints or a loss log; video renders each frame at one size, without
+# masks, checkpoints, a loss log or 16-bit frames; plan predicts a run, so what only decides
+# what is written or said (output, checkpoints, log, messages) has nothing to act on.
+MULTI_SCALE = ("scales", "start_size", "scale_iterations")
+NOT_IN_COMMAND = {
+    "batch": (*MULTI_SCALE, "tile", "tile_halo", "content_mask", "style_mask", "save_every", "log", "verbose"),
+    "video": (*MULTI_SCALE, "content_mask", "style_mask", "save_every", "log", "output_16bit"),
+    "plan": ("save_every", "log", "output_16bit", "quiet", "verbose"),
+}
+
+
+def single_scale(config: StyleConfig) -> tuple[StyleConfig, str | None]:
+    """``config`` without a multi-scale schedule (batch and video render at --size; a preset such
+    as meancov-adam brings one), and a note saying what was dropped (None: nothing)."""
+    dropped = {name: getattr(config, name) for name in MULTI_SCALE if getattr(config, name) is not None}
+    if not dropped:
+        return config, None
+    shown = ", ".join(f"{flag_name(k)} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+                      for k, v in dropped.items())
+    single = dataclasses.replace(config, preset=None, **dict.fromkeys(dropped))
+    single.preset = config.preset
+    return single, f"each image is rendered at --size {config.size}; the multi-scale schedule ({shown}) is not used"
+
+
 def _is_cuda_index(spec: str) -> bool:
     prefix, _, index = spec.partition(":")
     return prefix == "cuda" and index.isdigit()
@@ -556,8 +583,11 @@ class VideoConfig:
     temporal_frames: tuple[int, ...] = option((1,), "earlier frames each frame is held to, as offsets (1 = the "
                                               "previous frame; e.g. 1,2,4 adds long-term targets)", metavar="J",
                                               minimum=1, maximum=100, many=True)
-    fps: float | None = option(None, "frame rate of the output (default: the input video's; 25 for a folder "
-                               "of frames)", metavar="FPS", above=0.0, maximum=1000.0)
+    fps: float | None = option(None, "frames per second: a video file is resampled in time to this rate (a "
+                               "frame every 1/FPS s, each the input frame shown then: fewer or more frames, the "
+                               "same duration and audio sync); a folder's frames are shown at this rate "
+                               "(default: every input frame at its own time; 25 for a folder)", metavar="FPS",
+                               above=0.0, maximum=1000.0)
     flow: str = option("dis", "optical flow: dis (OpenCV's DIS on the CPU, no weights) or raft (torchvision's "
                        "RAFT on the device; its weights are downloaded once into the torch hub cache)",
                        choices=("dis", "raft"))

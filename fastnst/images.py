@@ -92,11 +92,16 @@ def _deep_gray_to_l(image: Image.Image) -> Image.Image:
     return Image.fromarray(np.round(values).astype(np.uint8), mode="L")
 
 
+def fitted_size(size: tuple[int, int], longest_side: int) -> tuple[int, int]:
+    """(width, height) scaled so the longest side is ``longest_side``, keeping the aspect ratio."""
+    width, height = size
+    scale = longest_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def resized(image: Image.Image, longest_side: int) -> Image.Image:
     """Scale so the longest side is ``longest_side`` (up or down), keeping the aspect ratio."""
-    width, height = image.size
-    scale = longest_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    size = fitted_size(image.size, longest_side)
     if size == image.size:
         return image
     return image.resize(size, Image.Resampling.LANCZOS)

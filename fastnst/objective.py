@@ -36,11 +36,13 @@ def feature_layers(config: ObjectiveOptions) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*config.content_layers, *config.style_layers)))
 
 
-def check_fits(image: Image.Image, layers: Sequence[str], what: str) -> None:
-    """The deepest layer needs at least one feature position: each side >= its pooling stride."""
+def check_fits(image: Image.Image | tuple[int, int], layers: Sequence[str], what: str) -> None:
+    """The deepest layer needs at least one feature position: each side >= its pooling stride.
+    ``image``: an image, or its (width, height)."""
     need = max(layer_stride(name) for name in layers)
-    if min(image.size) < need:
-        raise ConfigError(f"the {what} is {image.size[0]}x{image.size[1]} px after resizing; the "
+    size = image if isinstance(image, tuple) else image.size
+    if min(size) < need:
+        raise ConfigError(f"the {what} is {size[0]}x{size[1]} px after resizing; the "
                           f"layers used need at least {need} px on each side (raise --size or "
                           f"--style-scale, or use shallower layers)")
 

@@ -1,30 +1,32 @@
 """``fastnst video``: stylised video frames that do not flicker (Ruder, Dosovitskiy & Brox, GCPR 2016).
 
-Frames are read one at a time (PyAV for video files, or a folder of images), stylised in order and
-written as numbered PNG frames into a work folder with a manifest, then, for a video output,
-encoded with the input's frame rate and its audio copied.  Frame i starts from frame i-1's result
-warped along the optical flow, and temporal terms hold it to the warped results of frames i-j
-(``--temporal-frames``, default 1) where the flow can be trusted; ``--temporal-weight 0`` renders
-independent frames.  Flow (OpenCV's DIS on the CPU, or RAFT on the device) for the next frame is
-computed in a thread while the current one renders.  Each frame is one run of the run builder
-(``run.build_run``), so every stylize option that applies to one image applies here (weights,
-presets, colour control, tiles); multi-scale schedules do not.  A rerun skips the frames the
-manifest lists; Ctrl-C keeps them.  ``--mode multipass`` (``_render_multipass``) instead renders
-windows of frames as batches and then passes over the clip that pull neighbours together.
+Frames are read one at a time (``clip.py``: upright, in RGB, each with its time), stylised in order
+and written as numbered PNG frames into a work folder with a manifest, then, for a video output,
+encoded at their own times with the input's audio (``encoder.py``; the audio is written into the
+work folder before the first frame is rendered, so no audio problem surfaces after the render).
+Frame i starts from frame i-1's result warped along the optical flow, and temporal terms hold it
+to the warped results of frames i-j (``--temporal-frames``, default 1) where the flow can be
+trusted; ``--temporal-weight 0`` renders independent frames.  Flow (OpenCV's DIS on the CPU, or
+RAFT on the device) for the next frame is computed in a thread while the current one renders.
+Each frame is one run of the run builder (``run.build_run``), so every stylize option that
+applies to one image applies here (weights, presets, colour control, tiles); multi-scale
+schedules do not.  The work folder belongs to one command (``command.json``, ``recipe.py``): a
+rerun of it skips the frames the manifest lists, another command is refused; Ctrl-C keeps them.
+``--mode multipass`` (``_render_multipass``) instead renders windows of frames as batches and then
+passes over the clip that pull neighbours together.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
-import re
+import logging
+import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -32,96 +34,25 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import color, flow
-from .config import ObjectiveOptions, ScheduleOptions, StyleConfig, VideoConfig, default_temporal_weight
-from .errors import ConfigError, FastNSTError, ImageError
+from .clip import Clip, open_clip
+from .config import INITS, StyleConfig, VideoConfig, default_temporal_weight
+from .encoder import VIDEO_CODECS, Shown, audio_track_path, encode, plan_audio, write_audio_track
+from .errors import ConfigError, FastNSTError
 from .files import atomic_write
-from .images import image_to_tensor, load_image, resized, save_image
+from .images import fitted_size, image_to_tensor, load_image, resized, save_image
 from .loop import Hooks
 from .measure import auto_tile, free_bytes
 from .objective import TemporalTarget, check_fits, feature_layers
+from .recipe import first_difference, pixel_options, source_fingerprint
 from .run import Inputs, Runtime, build_run, calibrate, initial_image, resolve_runtime
 
-# Output extensions written as video files, and the encoder each uses (all in PyAV's wheels).
-VIDEO_CODECS = {".mp4": "libx264", ".m4v": "libx264", ".mov": "libx264", ".mkv": "libx264",
-                ".webm": "libvpx-vp9", ".avi": "mpeg4"}
-# Audio codec for a container that cannot hold the input's audio as it is (WebM: Opus or Vorbis;
-# AAC for the others).
-AUDIO_CODECS = {".webm": "libopus"}
-FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
-FOLDER_RATE = Fraction(25)  # frames per second of a folder of frames unless --fps says otherwise
 MANIFEST = "manifest.jsonl"
 RECIPE = "command.json"  # what the work folder's frames are of (_recipe)
-
-
-def _av():
-    try:
-        import av
-    except ImportError:
-        raise ConfigError("video files need PyAV: pip install av (or pip install 'fastnst[video]'), "
-                          "or give a folder of frames") from None
-    return av
-
-
-@dataclass
-class Clip:
-    """The frames of INPUT, read lazily: a video file's first video stream, or a folder's images."""
-
-    path: Path
-    rate: Fraction
-    files: list[Path] | None = None  # a folder's frames, in order
-
-    @property
-    def count(self) -> int | None:
-        if self.files is not None:
-            return len(self.files)
-        with _av().open(str(self.path)) as container:
-            frames = container.streams.video[0].frames
-        return frames or None
-
-    def frames(self) -> Iterator[Image.Image]:
-        if self.files is not None:
-            for path in self.files:
-                yield load_image(path)
-            return
-        av = _av()
-        with av.open(str(self.path)) as container:
-            decoded, number = container.decode(video=0), 0
-            while True:
-                number += 1
-                try:
-                    frame = next(decoded, None)
-                except av.error.FFmpegError as exc:  # damaged data mid-stream: the user's input, one line
-                    raise ImageError(f"frame {number} of '{self.path}' cannot be decoded "
-                                     f"({exc.strerror or exc})") from None
-                if frame is None:
-                    return
-                yield frame.to_image().convert("RGB")
-
-
-def _natural_key(path: Path) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def open_clip(path: str | Path, fps: float | None) -> Clip:
-    """The clip at ``path``; InputError-like ImageError for what cannot be read, in one line."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS), key=_natural_key)
-        if not files:
-            raise ImageError(f"'{path}' holds no frames ({', '.join(FRAME_EXTENSIONS)})")
-        return Clip(path, Fraction(fps).limit_denominator(1001) if fps else FOLDER_RATE, files)
-    if not path.exists():
-        raise ImageError(f"'{path}': no such file or folder")
-    av = _av()
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise ImageError(f"'{path}' has no video stream")
-            stream = container.streams.video[0]
-            rate = stream.average_rate or stream.guessed_rate or FOLDER_RATE
-    except av.error.FFmpegError as exc:
-        raise ImageError(f"'{path}' is not a video file FFmpeg can read ({exc.strerror or exc})") from None
-    return Clip(path, Fraction(fps).limit_denominator(1001) if fps else Fraction(rate))
+# Bytes per frame pixel the work folder holds at most, by mode (the disk check before any work):
+# a PNG frame (at most 3); multipass adds the content frame (uint8, 3), the flows to both
+# neighbours (fp16 flow and a byte mask, 2 x 5) and two passes' results (fp16, 2 x 6), the
+# only passes kept (a pass's results go once the next pass is complete).
+WORK_BYTES_PER_PIXEL = {"sequential": 3, "multipass": 3 + 3 + 10 + 12}
 
 
 def is_video_path(output: str | Path) -> bool:
@@ -137,8 +68,9 @@ def work_folder(output: str | Path) -> Path:
 @dataclass
 class VideoSummary:
     frames: int = 0  # frames in the clip seen so far
-    rendered: int = 0
-    skipped: int = 0  # already in the manifest
+    rendered: int = 0  # units (below) rendered by this run
+    skipped: int = 0  # units finished by an earlier run
+    unit: str = "frame"  # what rendered and skipped count: frames, or with multipass frame passes
     interrupted: bool = False
     seconds: float = 0.0
     consistency: list[float] = field(default_factory=list)  # per frame after the first
@@ -215,32 +147,103 @@ def _temporal_targets(motions: dict, outputs: dict[int, torch.Tensor], index: in
 def render_video(source: str | Path, styles: list, output: str | Path, config: StyleConfig,
                  settings: VideoConfig, *, should_stop: Callable[[], bool] = lambda: False,
                  progress: bool = True, runtime: Runtime | None = None,
-                 flow_function: FlowFunction | None = None) -> VideoSummary:
-    """Stylise every frame of ``source`` into ``output`` (module docstring).  ``flow_function``
-    replaces --flow (benchmarks with a known motion, where neither OpenCV nor RAFT is at hand)."""
-    clip = open_clip(source, settings.fps)
-    style_images = [load_image(s) for s in styles]
-    folder = work_folder(output)
-    folder.mkdir(parents=True, exist_ok=True)
-    _claim(folder, _recipe(clip, style_images, config, settings), settings.force)
+                 flow_function: FlowFunction | None = None,
+                 notify: Callable[[str], None] | None = None) -> VideoSummary:
+    """Stylise every frame of ``source`` into ``output`` (module docstring).  Everything that can
+    be checked is checked before the first frame renders (``_prepare``).  ``flow_function``
+    replaces --flow (benchmarks with a known motion, where neither OpenCV nor RAFT is at hand);
+    ``notify`` receives one-line warnings (by default the ``fastnst`` logger's)."""
+    notify = notify or logging.getLogger("fastnst").warning
+    output = Path(output)
+    clip, style_images, folder, audio = _prepare(source, styles, output, config, settings, notify)
     runtime = runtime or resolve_runtime(config)
     settings = _with_temporal_weight(settings, config, runtime)
     between = flow_function or functools.partial(flow.optical_flow, method=settings.flow, device=runtime.device)
-    if settings.mode == "multipass":
-        return _render_multipass(clip, source, style_images, Path(output), folder, config, settings, should_stop,
-                                 progress, runtime, between)
-    done = _done(folder)
+    render = _render_multipass if settings.mode == "multipass" else _render_sequential
+    summary, shown = render(clip, style_images, folder, config, settings, should_stop, progress, runtime, between)
+    if not summary.interrupted and is_video_path(output):
+        encode(shown, clip, output, audio, progress=progress)
+    return summary
+
+
+def _prepare(source, styles: list, output: Path, config: StyleConfig, settings: VideoConfig,
+             notify: Callable[[str], None]) -> tuple[Clip, list[Image.Image], Path, Path | None]:
+    """Open and check everything before any work: the clip (every frame's size, for a folder),
+    the styles and the frame size against the layers, that OUTPUT is not the input, how each audio
+    stream goes into OUTPUT, the free disk; then claim the work folder for this command and write
+    the audio track into it.  (clip, style images, work folder, audio track or None)."""
+    clip = open_clip(source, settings.fps)
+    folder = work_folder(output)
+    _check_not_input(clip.path, output, folder)
     layers = feature_layers(config)
+    check_fits(fitted_size(clip.size, config.size), layers, "video frame")
+    style_images = [load_image(s) for s in styles]
+    for image in style_images:
+        check_fits(resized(image, max(1, round(config.size * config.style_scale))), layers, "style image")
+    plans = plan_audio(clip, output) if is_video_path(output) else []
+    _check_disk(folder, clip, config, settings)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the work folder '{folder}' ({exc.strerror or exc})") from None
+    _claim(folder, _recipe(clip, styles, config, settings), settings.force)
+    if not plans:
+        return clip, style_images, folder, None
+    track = audio_track_path(folder, output)
+    if not track.exists():
+        write_audio_track(clip, plans, track, notify)
+    return clip, style_images, folder, track
+
+
+def _check_not_input(source: Path, output: Path, folder: Path) -> None:
+    """OUTPUT (or its work folder) must not be the input: the original would be replaced, or the
+    frames written would mix with the input's and be read as frames by the next run."""
+    for target in (output, folder):
+        if target.exists() and source.exists() and target.resolve() == source.resolve():
+            raise ConfigError(f"-o '{output}' would write into the input '{source}' itself; give another output")
+
+
+def disk_free(folder: Path) -> int:
+    """Free bytes on the file system ``folder`` is (or will be) on."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return shutil.disk_usage(existing).free
+
+
+def _check_disk(folder: Path, clip: Clip, config: StyleConfig, settings: VideoConfig) -> None:
+    """Refuse before any work when the frames left to render cannot fit the free disk (the work
+    folder's bytes per pixel by mode, WORK_BYTES_PER_PIXEL, an upper bound)."""
+    if not clip.estimated_count:
+        return
+    width, height = fitted_size(clip.size, config.size)
+    left = max(clip.estimated_count - (0 if settings.force else len(_done(folder))), 0)
+    need = left * width * height * WORK_BYTES_PER_PIXEL[settings.mode]
+    free = disk_free(folder)
+    if need > free:
+        raise ConfigError(f"the work folder '{folder}' needs about {need / 1e9:.1f} GB for {left} frames of "
+                          f"{width}x{height} px (--mode {settings.mode}); {free / 1e9:.1f} GB are free there")
+
+
+def _render_sequential(clip: Clip, style_images: list, folder: Path, config: StyleConfig, settings: VideoConfig,
+                       should_stop: Callable[[], bool], progress: bool, runtime: Runtime,
+                       between: FlowFunction) -> tuple[VideoSummary, list[Shown]]:
+    """Frame after frame, each held to the earlier results warped onto it; (summary, the frames as
+    the video shows them)."""
+    done = _done(folder)
     # Flow to the previous frame is always computed: the consistency metric needs it, also for
     # independent frames (--temporal-weight 0), against which the temporal term is judged.
     offsets = tuple(sorted(set(settings.temporal_frames) | {1})) if settings.temporal_weight else (1,)
     flows = _Flows(offsets, between)
     contents: dict[int, torch.Tensor] = {}  # original content frames kept for the flows
     outputs: dict[int, torch.Tensor] = {}  # stylised frames kept for the warps
-    summary, size, started = VideoSummary(temporal_weight=settings.temporal_weight), None, time.perf_counter()
+    summary, started = VideoSummary(temporal_weight=settings.temporal_weight), time.perf_counter()
+    shown: list[Shown] = []
     keep = max(offsets, default=1)
+    scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
+    tile = _tile(runtime, config, fitted_size(clip.size, config.size))
     frames = clip.frames()
-    bar = tqdm(total=clip.count, unit="frame", desc="video", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=clip.estimated_count, unit="frame", desc="video", disable=not progress, dynamic_ncols=True)
     try:
         current = next(frames, None)
         index, pending = 0, None
@@ -248,25 +251,14 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
             if should_stop():
                 summary.interrupted = True
                 break
-            frame = resized(current, config.size)
-            if size is None:
-                size = frame.size
-                check_fits(frame, layers, "video frame")
-                scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
-                for image in scaled_styles:
-                    check_fits(image, layers, "style image")
-                tile = _tile(runtime, config, size)
-            elif frame.size != size:
-                raise ImageError(f"frame {index + 1} of '{source}' is {current.size[0]}x{current.size[1]} px; "
-                                 f"the first was another size (every frame must have the first's size)")
-            content = image_to_tensor(frame)
+            content = image_to_tensor(resized(current.image, config.size))
             contents[index] = content
             if pending is None:
                 pending = flows.submit(contents, index, content)
             upcoming = next(frames, None)
             next_pending = None
-            if upcoming is not None and upcoming.size == current.size:  # same size in, same size out
-                ahead = image_to_tensor(resized(upcoming, config.size))
+            if upcoming is not None:
+                ahead = image_to_tensor(resized(upcoming.image, config.size))
                 next_pending = flows.submit({**contents, index + 1: ahead}, index + 1, ahead)
             frame_flows = pending.result()
             if index in done:
@@ -276,7 +268,8 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
                 outputs[index] = _render_frame(runtime, config, content, scaled_styles,
                                                frame_flows if settings.temporal_weight else {}, outputs,
                                                index, settings.temporal_weight, tile)
-                _write_frame(folder, index, outputs, frame_flows.get(1), summary)
+                _write_frame(folder, index, current.time, outputs, frame_flows.get(1), summary)
+            shown.append(Shown(folder / _frame_name(index), current.time, current.duration))
             summary.frames += 1
             bar.update(1)
             for old in [k for k in contents if k <= index - keep]:
@@ -287,20 +280,21 @@ def render_video(source: str | Path, styles: list, output: str | Path, config: S
         bar.close()
         flows.close()
     summary.seconds = time.perf_counter() - started
-    if not summary.interrupted and is_video_path(output):
-        encode(folder, summary.frames, clip, Path(output))
-    return summary
+    return summary, shown
 
 
-def _recipe(clip: Clip, style_images: list[Image.Image], config: StyleConfig, settings: VideoConfig) -> dict:
-    """What the frames in a work folder are of: the input, the style images' pixels, and every
-    option that changes a frame (not the device, precision or kernels, which may change between
-    a run and its resumption, nor --fps or --force)."""
-    options = {**dataclasses.asdict(config.part(ScheduleOptions)), **dataclasses.asdict(config.part(ObjectiveOptions)),
-               **{k: v for k, v in dataclasses.asdict(settings).items() if k not in ("fps", "force")}}
-    styles = [hashlib.sha1(image.tobytes() + repr(image.size).encode()).hexdigest()[:16] for image in style_images]
-    return {"input": str(clip.path.resolve()), "styles": styles,
-            "options": json.loads(json.dumps(options, default=str))}
+def _recipe(clip: Clip, styles: list, config: StyleConfig, settings: VideoConfig) -> dict:
+    """What the frames in a work folder are of (recipe.py): the input and the style images by
+    content, and every option that changes a frame (not the device, precision or kernels, which
+    may change between a run and its resumption, nor --force; --fps for a folder of frames only
+    sets the video's rate, for a video file it chooses the frames)."""
+    own = {k: v for k, v in dataclasses.asdict(settings).items()
+           if k != "force" and not (k == "fps" and clip.files is not None)}
+    recipe = {"input": clip.fingerprint, "styles": [source_fingerprint(s) for s in styles],
+              "options": pixel_options(config, own)}
+    if config.init not in INITS:
+        recipe["init"] = source_fingerprint(config.init)
+    return recipe
 
 
 def _claim(folder: Path, recipe: dict, force: bool) -> None:
@@ -316,8 +310,9 @@ def _claim(folder: Path, recipe: dict, force: bool) -> None:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None  # unreadable: written by nothing we know; the frames cannot be trusted
-        if old != recipe:
-            raise ConfigError(f"'{folder}' holds the frames of another command ({_difference(old, recipe)}); "
+        difference = first_difference(old, recipe)
+        if difference is not None:
+            raise ConfigError(f"'{folder}' holds the frames of another command ({difference}); "
                               f"rerun with --force to render them again, or give another -o")
     elif any(folder.glob("frame_*.png")):
         raise ConfigError(f"'{folder}' already holds frames that no fastnst video command claims; "
@@ -327,28 +322,27 @@ def _claim(folder: Path, recipe: dict, force: bool) -> None:
 
 def _clear(folder: Path) -> None:
     """Remove what fastnst video writes into a work folder (and nothing else)."""
-    for path in [folder / MANIFEST, folder / RECIPE, *folder.glob("frame_*.png")]:
+    for path in [folder / MANIFEST, folder / RECIPE, *folder.glob("frame_*.png"), *folder.glob("audio.*")]:
         path.unlink(missing_ok=True)
+    _remove_pass_files(folder)
+
+
+def _remove_pass_files(folder: Path) -> None:
+    """The multipass mode's content frames, flows and pass results (what only its resume needs)."""
     for sub in [folder / "content", folder / "flows", *folder.glob("pass[0-9]*")]:
-        if sub.is_dir():
-            for item in sub.glob("*.pt"):
-                item.unlink()
+        _remove_folder_files(sub)
 
 
-def _difference(old: dict | None, new: dict) -> str:
-    """The first thing that differs between two recipes, for the error message."""
-    if not isinstance(old, dict):
-        return f"its {RECIPE} cannot be read"
-    if old.get("input") != new["input"]:
-        return f"input {old.get('input')}"
-    if old.get("styles") != new["styles"]:
-        return "other style images"
-    before = old.get("options", {})
-    for name, value in new["options"].items():
-        if before.get(name) != value:
-            shown = ["default" if v is None else v for v in (before.get(name), value)]
-            return f"--{name.replace('_', '-')} {shown[0]} there, {shown[1]} here"
-    return "other options"
+def _remove_folder_files(sub: Path) -> None:
+    """A multipass folder's files (tensors and the completion mark), then the folder if empty."""
+    if not sub.is_dir():
+        return
+    for item in [*sub.glob("*.pt"), sub / PASS_COMPLETE]:
+        item.unlink(missing_ok=True)
+    try:
+        sub.rmdir()
+    except OSError:
+        pass  # something of the user's in it: left as it is
 
 
 def _with_temporal_weight(settings: VideoConfig, config: StyleConfig, runtime: Runtime) -> VideoConfig:
@@ -360,12 +354,12 @@ def _with_temporal_weight(settings: VideoConfig, config: StyleConfig, runtime: R
                                temporal_weight=default_temporal_weight(config.style_loss, runtime.weights_format))
 
 
-def _write_frame(folder: Path, index: int, outputs: dict[int, torch.Tensor], to_previous: tuple | None,
+def _write_frame(folder: Path, index: int, time_shown, outputs: dict[int, torch.Tensor], to_previous: tuple | None,
                  summary: VideoSummary) -> None:
-    """Save a finished frame (atomically), then append its manifest line with its consistency
-    error against the previous frame (``to_previous``: their ``_motion``): the line is the record
-    that the frame is done."""
-    record = {"frame": index, "file": _frame_name(index)}
+    """Save a finished frame (atomically), then append its manifest line with the time it is shown
+    (seconds on the clip's timeline) and its consistency error against the previous frame
+    (``to_previous``: their ``_motion``): the line is the record that the frame is done."""
+    record = {"frame": index, "file": _frame_name(index), "time": float(time_shown)}
     if to_previous is not None:
         backward, mask = to_previous
         error = flow.consistency_error(outputs[index], outputs[index - 1], backward, mask)
@@ -401,66 +395,6 @@ def _render_frame(runtime: Runtime, config: StyleConfig, content: torch.Tensor, 
     return _render_window(runtime, config, [content], styles, start, temporal, config.iterations, tile)[0]
 
 
-def encode(folder: Path, count: int, clip: Clip, output: Path) -> None:
-    """The frames of ``folder`` as ``output`` (its extension's codec, the clip's frame rate), with
-    the clip's audio streams copied (``_audio_stream``); written next to ``output`` and renamed
-    into place."""
-    av = _av()
-
-    def write(stream) -> None:
-        with av.open(stream, "w", format=_container_format(output)) as out:
-            video = out.add_stream(VIDEO_CODECS[output.suffix.lower()], rate=clip.rate)
-            with Image.open(folder / _frame_name(0)) as first:  # yuv420p needs even sides
-                video.width, video.height = first.size[0] // 2 * 2, first.size[1] // 2 * 2
-            video.pix_fmt = "yuv420p"
-            audio_in = None
-            if clip.files is None:
-                audio_in = av.open(str(clip.path))
-                audio = {s.index: _audio_stream(out, s, output) for s in audio_in.streams.audio}
-            for index in range(count):
-                with Image.open(folder / _frame_name(index)) as image:
-                    picture = image.convert("RGB").crop((0, 0, video.width, video.height))
-                for packet in video.encode(av.VideoFrame.from_image(picture)):
-                    out.mux(packet)
-            for packet in video.encode():
-                out.mux(packet)
-            if audio_in is not None:
-                for packet in audio_in.demux(*audio_in.streams.audio):
-                    if packet.dts is None:  # a stream's flush marker: encoders are flushed below
-                        continue
-                    target, copied = audio[packet.stream.index]
-                    if copied:
-                        packet.stream = target
-                        out.mux(packet)
-                        continue
-                    for samples in packet.decode():
-                        samples.pts = None  # the encoder counts its own (resampled) samples
-                        out.mux(target.encode(samples))
-                for target, copied in audio.values():
-                    if not copied:
-                        out.mux(target.encode(None))
-                audio_in.close()
-
-    atomic_write(output, write, error=FastNSTError)
-
-
-def _audio_stream(out, source, output: Path) -> tuple[object, bool]:
-    """``source``'s audio stream in ``out``: (stream, True) a copy of its packets where the
-    container takes the codec, else (stream, False) to re-encode into (Opus for WebM, AAC
-    elsewhere; Opus runs at 48 kHz, the encoder resamples)."""
-    try:
-        return out.add_stream_from_template(source), True
-    except ValueError:  # PyAV: "'webm' format does not support 'aac' codec"
-        codec = AUDIO_CODECS.get(output.suffix.lower(), "aac")
-        rate = 48000 if codec == "libopus" else source.rate
-        return out.add_stream(codec, rate=rate, layout=source.layout.name), False
-
-
-def _container_format(output: Path) -> str:
-    return {".mkv": "matroska", ".m4v": "mp4", ".mov": "mov", ".webm": "webm", ".avi": "avi"}.get(
-        output.suffix.lower(), "mp4")
-
-
 # --------------------------------------------------------------------------------------------
 # Multi-pass: windows of frames optimised as one batch, passes alternating direction
 
@@ -475,64 +409,86 @@ def _pass_iterations(config: StyleConfig, passes: int) -> list[int]:
     return [first] + [left // passes + (k < left % passes) for k in range(passes)]
 
 
+PASS_COMPLETE = "complete"  # in a pass folder: every frame of the pass is done
+
+
 def _save_tensor(image: torch.Tensor, path: Path) -> None:
+    """A pass result, in fp16 (the next pass starts from it; 8-bit rounding would show)."""
     atomic_write(path, lambda stream: torch.save(image.detach().cpu().to(torch.float16).clone(), stream),
                  error=FastNSTError)
 
 
+def _save_content(image: torch.Tensor, path: Path) -> None:
+    """A content frame: 8-bit pixels, which is all it holds (image_to_tensor of an 8-bit image)."""
+    pixels = image.detach().cpu().mul(255).round().to(torch.uint8).clone()
+    atomic_write(path, lambda stream: torch.save(pixels, stream), error=FastNSTError)
+
+
 def _load_tensor(path: Path) -> torch.Tensor:
-    return torch.load(path, map_location="cpu", weights_only=True).float()
+    tensor = torch.load(path, map_location="cpu", weights_only=True)
+    return tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor.float()
 
 
-def _render_multipass(clip: Clip, source, style_images: list, output: Path, folder: Path, config: StyleConfig,
-                      settings: VideoConfig, should_stop: Callable[[], bool], progress: bool,
-                      runtime: Runtime, between: FlowFunction) -> VideoSummary:
+def _content_frames(clip: Clip, folder: Path, config: StyleConfig, save: bool) -> list[Shown]:
+    """Read the clip once: the frames as the video shows them, and (``save``) each content frame,
+    resized, into the work folder, where every pass reads it."""
+    contents_folder, shown = folder / "content", []
+    if save:
+        contents_folder.mkdir(exist_ok=True)
+    for index, frame in enumerate(clip.frames()):
+        shown.append(Shown(folder / _frame_name(index), frame.time, frame.duration))
+        path = contents_folder / f"{index:06d}.pt"
+        if save and not path.exists():
+            _save_content(image_to_tensor(resized(frame.image, config.size)), path)
+    return shown
+
+
+def _render_multipass(clip: Clip, style_images: list, folder: Path, config: StyleConfig, settings: VideoConfig,
+                      should_stop: Callable[[], bool], progress: bool, runtime: Runtime,
+                      between: FlowFunction) -> tuple[VideoSummary, list[Shown]]:
     """Ruder et al.'s multi-pass scheme, batched: the first pass renders every frame independently,
     a window of ``--window`` frames per batch; each later pass, alternating forward and backward,
     starts every frame from a blend of its own last result and its pass-direction neighbour's last
     result warped onto it (where the flow is trusted) and holds it to that warped neighbour.  Within
     a pass the frames of a window use the previous pass's neighbours, so they are independent and
-    run as one batch (Jacobi-style; Ruder et al. go frame by frame).  Results of every pass are kept
-    as fp16 tensors in the work folder, so a rerun resumes at the first unfinished (pass, window)."""
-    layers = feature_layers(config)
-    summary, started = VideoSummary(temporal_weight=settings.temporal_weight), time.perf_counter()
-    contents_folder = folder / "content"
-    contents_folder.mkdir(exist_ok=True)
-    size = None
-    for index, image in enumerate(clip.frames()):  # the content frames, resized, once
-        frame = resized(image, config.size)
-        if size is None:
-            size = frame.size
-            check_fits(frame, layers, "video frame")
-        elif frame.size != size:
-            raise ImageError(f"frame {index + 1} of '{source}' is {image.size[0]}x{image.size[1]} px; the first "
-                             f"was another size (every frame must have the first's size)")
-        path = contents_folder / f"{index:06d}.pt"
-        if not path.exists():
-            _save_tensor(image_to_tensor(frame), path)
-        summary.frames = index + 1
-    count = summary.frames
-    scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
-    for image in scaled_styles:
-        check_fits(image, layers, "style image")
-    tile = _tile(runtime, config, size)
+    run as one batch (Jacobi-style; Ruder et al. go frame by frame).  The work folder keeps what a
+    rerun resumes from: the content frames, the flows, and the results (fp16) of the last complete
+    pass and of the one under way; a rerun resumes at the first unfinished (pass, window), and once
+    the frames are written all of that is removed.  ``rendered`` and ``skipped`` count frame passes."""
+    summary = VideoSummary(temporal_weight=settings.temporal_weight, unit="frame pass")
+    started = time.perf_counter()
     iterations = _pass_iterations(config, settings.passes if settings.temporal_weight else 0)  # 0: independent
-    content = lambda i: _load_tensor(contents_folder / f"{i:06d}.pt")  # noqa: E731
+    complete = (folder / MANIFEST).exists()  # written once, when every frame is done
+    shown = _content_frames(clip, folder, config, save=not complete)
+    count = summary.frames = len(shown)
+    if complete and len(_done(folder)) == count:
+        summary.skipped = count * len(iterations)
+        return summary, shown
+    if complete:  # frames removed since: render again
+        (folder / MANIFEST).unlink()
+        shown = _content_frames(clip, folder, config, save=True)
+    scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
+    tile = _tile(runtime, config, fitted_size(clip.size, config.size))
+    content = lambda i: _load_tensor(folder / "content" / f"{i:06d}.pt")  # noqa: E731
     motion = _motion_cache(folder / "flows", between, content)
     result_path = lambda p, i: folder / f"pass{p}" / f"{i:06d}.pt"  # noqa: E731
     windows = [list(range(start, min(start + settings.window, count))) for start in range(0, count, settings.window)]
-    bar = tqdm(total=len(iterations) * count, unit="frame", desc="video (passes)", disable=not progress,
-               dynamic_ncols=True)
+    # The last complete pass is the one a rerun continues from (the ones before it are removed).
+    first = 1 + max((p for p in range(len(iterations)) if (folder / f"pass{p}" / PASS_COMPLETE).exists()),
+                    default=-1)
+    summary.skipped = first * count
+    bar = tqdm(total=len(iterations) * count, initial=first * count, unit="frame", desc="video (passes)",
+               disable=not progress, dynamic_ncols=True)
     try:
-        for p, steps in enumerate(iterations):
+        for p in range(first, len(iterations)):
             (folder / f"pass{p}").mkdir(exist_ok=True)
             direction = 1 if p % 2 else -1  # pass 1 forward (neighbour i - 1), pass 2 backward, ...
             for window in windows:
                 if should_stop():
                     summary.interrupted = True
-                    return summary
+                    return summary, shown
                 if all(result_path(p, i).exists() for i in window):
-                    summary.skipped += len(window) if p == len(iterations) - 1 else 0
+                    summary.skipped += len(window)
                     bar.update(len(window))
                     continue
                 starts, temporal = None, ()
@@ -541,17 +497,28 @@ def _render_multipass(clip: Clip, source, style_images: list, output: Path, fold
                                                     lambda i: _load_tensor(result_path(p - 1, i)), settings,
                                                     config.preserve_color, motion)
                 results = _render_window(runtime, config, [content(i) for i in window], scaled_styles,
-                                         starts, temporal, steps, tile)
+                                         starts, temporal, iterations[p], tile)
                 for i, image in zip(window, results):
                     _save_tensor(image, result_path(p, i))
-                summary.rendered += len(window) if p == len(iterations) - 1 else 0
+                summary.rendered += len(window)
                 bar.update(len(window))
+            atomic_write(folder / f"pass{p}" / PASS_COMPLETE, lambda stream: None, error=FastNSTError)
+            if p > 0:  # pass p no longer needs the one before it
+                _remove_folder_files(folder / f"pass{p - 1}")
     finally:
         bar.close()
-    last = len(iterations) - 1
+    _write_final_frames(folder, len(iterations) - 1, count, motion, summary)
+    _remove_pass_files(folder)
+    summary.seconds = time.perf_counter() - started
+    return summary, shown
+
+
+def _write_final_frames(folder: Path, last: int, count: int, motion, summary: VideoSummary) -> None:
+    """The last pass's results as the frames, their consistency, and the manifest (written once, so
+    its presence says the render is complete)."""
     records, previous = [], None
-    for i in range(count):  # the final frames, their consistency, the manifest
-        image = _load_tensor(result_path(last, i))
+    for i in range(count):
+        image = _load_tensor(folder / f"pass{last}" / f"{i:06d}.pt")
         save_image(image, folder / _frame_name(i))
         record = {"frame": i, "file": _frame_name(i), "pass": last}
         if previous is not None:
@@ -563,25 +530,23 @@ def _render_multipass(clip: Clip, source, style_images: list, output: Path, fold
         previous = image
     text = ("\n".join(records) + "\n").encode()
     atomic_write(folder / MANIFEST, lambda stream: stream.write(text), error=FastNSTError)
-    summary.seconds = time.perf_counter() - started
-    if is_video_path(output):
-        encode(folder, count, clip, output)
-    return summary
 
 
 def _motion_cache(folder: Path, between: FlowFunction,
                   content: Callable[[int], torch.Tensor]) -> Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]:
     """``motion(i, n)``: the ``_motion`` from frame i to frame n, computed once for the clip and kept
-    in ``folder`` (every pass, and the final consistency, needs the same pairs again)."""
+    in ``folder`` (every pass, and the final consistency, needs the same pairs again): the flow in
+    fp16 (1/16 px or finer below 128 px of motion), the 0/1 mask as bytes."""
     folder.mkdir(exist_ok=True)
 
     def motion(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         path = folder / f"{i:06d}-{n:06d}.pt"
-        if path.exists():
-            return tuple(torch.load(path, map_location="cpu", weights_only=True))  # type: ignore[return-value]
-        result = _motion(between, content(i), content(n))
-        atomic_write(path, lambda stream: torch.save(result, stream), error=FastNSTError)
-        return result
+        if not path.exists():
+            backward, mask = _motion(between, content(i), content(n))
+            kept = (backward.to(torch.float16), mask.to(torch.uint8))
+            atomic_write(path, lambda stream: torch.save(kept, stream), error=FastNSTError)
+        backward, mask = torch.load(path, map_location="cpu", weights_only=True)
+        return backward.float(), mask.float()
 
     return motion
 

@@ -24,6 +24,7 @@ from fastnst.errors import ConfigError
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STYLES = [str(EXAMPLES / "starry_night.jpg"), str(EXAMPLES / "the_scream.jpg")]
 FAST = ["--weights", "random", "--size", "48", "--iterations", "10", "--device", "cpu", "--quiet"]
+QUIET_FREE = [arg for arg in FAST if arg != "--quiet"]
 
 
 @pytest.fixture
@@ -136,7 +137,8 @@ def test_a_killed_run_resumes_and_renders_each_job_once(contents, tmp_path):
 def test_bad_inputs_are_reported_and_the_rest_complete(contents, tmp_path, capsys):
     (contents / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # a header, then nothing
     (contents / "notes.jpg").write_text("not an image")
-    code = _batch(contents, tmp_path / "out", "--batch-size", "4")
+    code = main(["batch", "--content", str(contents), "--style", *STYLES, "--out", str(tmp_path / "out"),
+                 *QUIET_FREE, "--batch-size", "4"])
     err = capsys.readouterr().err
     assert code == 1
     records = _manifest(tmp_path / "out")
@@ -158,7 +160,8 @@ def test_variations_names_and_jobs_file(contents, tmp_path):
                     "style_blend_weights": [3, 1]}),
         "",
     ]))
-    assert main(["batch", "--jobs", str(jobs_file), "--out", str(tmp_path / "out"), "--variations", "2", *FAST]) == 0
+    assert main(["batch", "--jobs", str(jobs_file), "--out", str(tmp_path / "out"), "--variations", "2", *FAST,
+                 "--batch-size", "2"]) == 0
     names = sorted(n for n in os.listdir(tmp_path / "out") if n != "manifest.jsonl")
     assert names == ["blend__v0.jpg", "blend__v1.jpg", "c0__starry_night__v0.png", "c0__starry_night__v1.png"]
     a = np.asarray(Image.open(tmp_path / "out" / "c0__starry_night__v0.png"), dtype=int)
@@ -227,3 +230,67 @@ def test_inputs_sharing_a_stem_get_distinct_names(tmp_path):
     settings = BatchConfig(content=(str(tmp_path),), style=(STYLES[0],), out=str(tmp_path / "out")).validate()
     names = sorted(job.id for job in batch.jobs_from_pairs(settings, StyleConfig()))
     assert names == ["other__starry_night.png", "photo_jpg__starry_night.png", "photo_png__starry_night.png"]
+
+
+
+def _one_style(contents: Path, out: Path, *extra: str) -> int:
+    return main(["batch", "--content", str(contents), "--style", STYLES[0], "--out", str(out), *QUIET_FREE,
+                 "--iterations", "1", "--batch-size", "4", *extra])
+
+
+def test_a_rerun_with_another_recipe_renders_the_jobs_again_and_says_so(contents, tmp_path, capsys):
+    """The manifest records what each job was rendered from (its inputs by content, every option
+    that changes its pixels); a rerun skips a job only when that recipe is the same (was: '4
+    already done' after --size 48, then --size 64, with the 48 px images left)."""
+    out = tmp_path / "out"
+    assert _one_style(contents, out) == 0
+    capsys.readouterr()
+    assert _one_style(contents, out, "--size", "64") == 0
+    err = capsys.readouterr().err
+    assert "4 jobs were done from another recipe (first c0__starry_night.png: --size 48 there, 64 here)" in err, err
+    assert "4 rendered, 4 of them again (another recipe), 0 failed, 0 already done" in err, err
+    assert {Image.open(p).size for p in out.glob("*.png")} == {(64, 48)}
+    assert _one_style(contents, out, "--size", "64") == 0
+    assert "0 rendered, 0 failed, 4 already done" in capsys.readouterr().err
+    Image.new("RGB", (48, 36), (200, 10, 10)).save(contents / "c2.png")  # another image, the same name
+    assert _one_style(contents, out, "--size", "64") == 0
+    err = capsys.readouterr().err
+    assert "1 job was done from another recipe (first c2__starry_night.png: another input" in err, err
+    assert "1 rendered, 1 of them again (another recipe), 0 failed, 3 already done" in err, err
+
+
+def test_options_that_do_not_act_in_batch_are_refused_before_anything_is_written(contents, tmp_path, capsys):
+    """--save-every, --log, masks, tiles and multi-scale are not offered (were accepted and ignored,
+    or failed every job after loading the network); a --jobs line that sets one is refused; a bad
+    --jobs line or a pattern matching nothing leaves no output folder behind."""
+    out = tmp_path / "out"
+    for extra in (["--save-every", "5"], ["--log", str(tmp_path / "log.jsonl")], ["--content-mask", "m.png"],
+                  ["--tile", "32"], ["--scales", "32", "48"], ["--verbose"]):
+        assert _one_style(contents, out, *extra) == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and err.count("\n") == 1, (extra, err)
+    jobs = tmp_path / "jobs.jsonl"
+    for line, message in (({"content": str(contents / "c0.png"), "style": STYLES[0], "save_every": 5},
+                           "'save_every' does not apply in batch"),
+                          ({"content": str(contents / "c0.png"), "style": STYLES[0], "nope": 1},
+                           "unknown option 'nope'")):
+        jobs.write_text(json.dumps(line) + "\n")
+        assert main(["batch", "--jobs", str(jobs), "--out", str(out), *FAST]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert main(["batch", "--content", str(tmp_path / "nothere" / "*.jpg"), "--style", STYLES[0], "--out", str(out),
+                 *FAST]) == 2
+    assert "no file matches" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "log.jsonl").exists()
+
+
+def test_quiet_batch_says_nothing_hidden_files_are_no_jobs_and_out_is_no_content_folder(contents, tmp_path,
+                                                                                         capsys):
+    (contents / "._c0.png").write_bytes(b"\0\5\26\7 a macOS resource fork")
+    assert _one_style(contents, tmp_path / "out", "--quiet") == 0
+    assert capsys.readouterr().err == ""
+    assert len([r for r in _manifest(tmp_path / "out") if r.get("status") == "done"]) == 4
+    assert _one_style(contents, contents) == 2
+    err = capsys.readouterr().err
+    assert "is a --content folder" in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in contents.iterdir()) == ["._c0.png", "c0.png", "c1.png", "c2.png", "c3.png"]

@@ -196,3 +196,48 @@ def test_quality_options_from_the_command_line(tmp_path, content_path, style_pat
         assert code == 0 and out.exists(), (name, err)
     assert (tmp_path / "average_4.png").exists()
     assert "--preset gatys2016 on torchvision weights" in err  # the last run's note
+
+
+def _help(command: str) -> str:
+    return build_parser()._subparsers._group_actions[0].choices[command].format_help()
+
+
+def test_each_command_offers_only_the_options_that_act_there(tmp_path, capsys):
+    """video renders at one size, without masks, checkpoints, a loss log or 16-bit frames; plan
+    writes nothing; batch renders untiled at one size without masks, checkpoints, a log or
+    --verbose (each was listed and then refused or ignored)."""
+    absent = {"video": ["--scales", "--start-size", "--scale-iterations", "--save-every", "--log", "--output-16bit",
+                        "--content-mask", "--style-mask"],
+              "plan": ["--save-every", "--log", "--output-16bit", "--quiet", "--verbose"],
+              "batch": ["--save-every", "--log", "--tile", "--tile-halo", "--content-mask", "--style-mask",
+                        "--scales", "--verbose"]}
+    present = {"video": ["--size", "--tile", "--preserve-color", "--verbose"], "plan": ["--size", "--tile"],
+               "batch": ["--size", "--output-16bit", "--quiet"]}
+    for command, flags in absent.items():
+        text = _help(command)
+        assert all(flag + " " not in text and flag + "\n" not in text for flag in flags), command
+        assert all(flag in text for flag in present[command]), command
+    assert main(["plan", "--size", "64", "--log", str(tmp_path / "log.jsonl")]) == 2
+    assert "unrecognized arguments: --log" in capsys.readouterr().err
+
+
+def test_a_multi_scale_preset_in_video_or_batch_renders_at_one_size_and_says_so():
+    from fastnst.config import single_scale
+
+    config, note = single_scale(StyleConfig(preset="meancov-adam", size=256))
+    assert config.start_size is None and config.scale_sizes() == (256,) and config.optimizer == "adam"
+    assert note == "each image is rendered at --size 256; the multi-scale schedule (--start-size 128) is not used"
+    assert single_scale(StyleConfig()) == (StyleConfig(), None)
+
+
+def test_save_every_images_of_an_earlier_run_are_removed(tmp_path, content_path, style_path, capsys):
+    """A rerun with another --save-every would leave the earlier run's OUT_<iteration> images
+    among its own, passing for them."""
+    out = tmp_path / "out.png"
+    common = [str(content_path), str(style_path), "-o", str(out), *FAST, "--size", "32", "--optimizer", "adam"]
+    assert main(["stylize", *common, "--iterations", "4", "--save-every", "2", "--quiet"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out.png", "out_2.png", "out_4.png"]
+    (tmp_path / "out_notes.png").write_bytes(b"not ours")
+    assert main(["stylize", *common, "--iterations", "3", "--save-every", "3"]) == 0
+    assert "removed 2 --save-every images of an earlier run" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["out.png", "out_3.png", "out_notes.png"]
