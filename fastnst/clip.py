@@ -31,7 +31,10 @@ from .recipe import file_fingerprint, files_fingerprint
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 FOLDER_RATE = Fraction(25)  # frames per second of a folder of frames unless --fps says otherwise
-UNSPECIFIED_COLORSPACE = 2  # FFmpeg's AVCOL_SPC_UNSPECIFIED: the file does not say which matrix
+# FFmpeg's colour tags (AVColorSpace) -> the swscale matrix that converts them; any other tag
+# (2: unspecified, the file does not say) gets the one players assume (is_hd).
+MATRICES = {1: "itu709", 4: "fcc", 5: "itu601", 6: "smpte170m", 7: "smpte240m", 9: "bt2020", 10: "bt2020"}
+COLOR_RANGES = {1: "MPEG", 2: "JPEG"}  # FFmpeg's AVColorRange: limited (16-235), full
 
 
 def av_module():
@@ -104,7 +107,8 @@ class Clip:
                 time = last - self.origin
                 if previous is not None:
                     yield Frame(previous.image, previous.time, time - previous.time)
-                own = Fraction(frame.duration) * frame.time_base if frame.duration and frame.time_base else nominal
+                ticks = getattr(frame, "duration", None)  # PyAV 15 and later
+                own = Fraction(ticks) * frame.time_base if ticks and frame.time_base else nominal
                 previous = Frame(image, time, own)
         if previous is not None:
             yield previous
@@ -153,10 +157,11 @@ def upright_rgb(frame) -> Image.Image:
     options = {}
     name = frame.format.name
     if "yuv" in name or name.startswith(("nv", "p0", "p2", "p4")):
-        if int(frame.colorspace) == UNSPECIFIED_COLORSPACE:
-            options["src_colorspace"] = "itu709" if is_hd(frame.width, frame.height) else "itu601"
-        if int(frame.color_range) in (1, 2):  # MPEG (limited) or JPEG (full); else the format's own
-            options["src_color_range"] = int(frame.color_range)
+        # Named explicitly: PyAV before 18 converts with BT.601 whatever the frame's tag says.
+        default = "itu709" if is_hd(frame.width, frame.height) else "itu601"
+        options["src_colorspace"] = MATRICES.get(int(frame.colorspace), default)
+        if int(frame.color_range) in COLOR_RANGES:  # else the format's own (yuvj: full)
+            options["src_color_range"] = COLOR_RANGES[int(frame.color_range)]
     image = frame.to_image(**options)
     quarter_turns = round((getattr(frame, "rotation", 0) or 0) / 90) % 4  # counter-clockwise, as FFmpeg's
     if quarter_turns:

@@ -317,7 +317,7 @@ def _yuv(path: Path, width: int, height: int, matrix: str):
     if pad[0][1] or pad[1][1]:
         pixels = np.pad(pixels, pad, mode="edge")
     rgb = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
-    return rgb.reformat(format="yuv420p", dst_colorspace=matrix, dst_color_range=LIMITED_RANGE)
+    return rgb.reformat(format="yuv420p", dst_colorspace=matrix, dst_color_range="MPEG")
 
 
 class _AudioPackets:

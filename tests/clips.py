@@ -41,6 +41,8 @@ def make_clip(path: Path, *, frames: int = 4, size: tuple[int, int] = (64, 48), 
         video.width, video.height, video.pix_fmt = size[0], size[1], "yuv420p"
         video.codec_context.time_base = video.time_base = MILLISECOND
         if rotation is not None:
+            if not hasattr(video, "set_display_rotation"):
+                pytest.skip(f"PyAV {av.__version__} cannot write a display rotation (PyAV 18 can)")
             video.set_display_rotation(rotation)
         sound = out.add_stream(audio, rate=audio_rate, layout=layout, options=audio_options or {}) if audio else None
         for k, t in enumerate(times):
@@ -104,7 +106,8 @@ def probe(path: Path) -> Probe:
         codec, audio = context.name, [(s.codec_context.name, s.layout.name) for s in container.streams.audio]
     last = frames[-1]
     times = [float(f.time) for f in frames]
-    own = float(last.duration * last.time_base) if last.duration else times[-1] - times[-2]
+    ticks = getattr(last, "duration", None)  # PyAV 15 and later
+    own = float(ticks * last.time_base) if ticks else times[-1] - times[-2]
     rotation = int(frames[0].rotation or 0)
     width, height = frames[0].width, frames[0].height
     audio_start = None
