@@ -26,12 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from . import color
 from .config import INITS, NOT_IN_COMMAND, BatchConfig, StyleConfig, single_scale
-from .errors import ConfigError, FastNSTError, ImageError, first_line
-from .images import SAVE_FORMATS, image_to_tensor, load_image, read_metadata, resized, save_image
+from .errors import ConfigError, FastNSTError, first_line
+from .images import SAVE_FORMATS, displayed_size, image_to_tensor, load_image, read_metadata, resized, save_image
 from .loop import Hooks
 from .measure import SAFETY, free_bytes, model_flops, peak_tflops
 from .objective import check_fits, feature_layers
@@ -317,21 +316,8 @@ class Manifest:
 # Running
 
 
-def _probe_size(path: str) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), from the header alone."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(0x0112) in (5, 6, 7, 8):
-                width, height = height, width
-            return width, height
-    except Exception:
-        load_image(path)  # raises the one-line ImageError stylize would give
-        raise ImageError(f"'{path}' cannot be read") from None
-
-
 def output_size(job: Job) -> tuple[int, int]:
-    width, height = _probe_size(job.content)
+    width, height = displayed_size(job.content)
     scale = job.config.size / max(width, height)
     return max(1, round(width * scale)), max(1, round(height * scale))
 

@@ -341,10 +341,11 @@ def _video(args: argparse.Namespace) -> int:
     if summary.interrupted:
         _say(f"interrupted; {kept}")
         return stop.code
-    rate = summary.rendered / summary.seconds if summary.seconds else 0.0
+    rate = f"; {summary.rendered / summary.seconds:.2f} {summary.unit}/s" if summary.rendered and summary.seconds \
+        else ""
     consistency = f", consistency error {mean:.4f}" if mean is not None else ""
-    talk(f"wrote {output} ({summary.frames} frames; {summary.rendered} {summary.unit}s rendered, {summary.skipped} "
-         f"already done; {rate:.2f} {summary.unit}s/s{consistency})")
+    talk(f"wrote {output} ({summary.frames} frames; {summary.rendered} {summary.unit} rendered, {summary.skipped} "
+         f"already done{rate}{consistency})")
     if config.verbose:
         _say(f"temporal weight {summary.temporal_weight:g}")
     return 0

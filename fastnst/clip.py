@@ -26,7 +26,7 @@ from pathlib import Path
 from PIL import Image
 
 from .errors import ConfigError, ImageError
-from .images import load_image
+from .images import displayed_size, load_image
 from .recipe import file_fingerprint, files_fingerprint
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
@@ -181,27 +181,14 @@ def frame_files(folder: Path) -> list[Path]:
     return sorted(files, key=_natural_key)
 
 
-def _displayed_size(path: Path) -> tuple[int, int]:
-    """(width, height) as displayed (EXIF orientation applied), from the header alone."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            if image.getexif().get(0x0112) in (5, 6, 7, 8):
-                width, height = height, width
-            return width, height
-    except Exception:
-        load_image(path)  # raises the one-line ImageError for what cannot be read
-        raise ImageError(f"'{path}' cannot be read") from None
-
-
 def _open_folder(path: Path, fps: float | None) -> Clip:
     """Every frame's header is read now: a frame of another size is refused before any work."""
     files = frame_files(path)
     if not files:
         raise ImageError(f"'{path}' holds no frames ({', '.join(FRAME_EXTENSIONS)})")
-    size = _displayed_size(files[0])
+    size = displayed_size(files[0])
     for number, file in enumerate(files[1:], start=2):
-        other = _displayed_size(file)
+        other = displayed_size(file)
         if other != size:
             raise ImageError(f"frame {number} of '{path}' ({file.name}) is {other[0]}x{other[1]} px, the first "
                              f"{size[0]}x{size[1]} (every frame must have the first's size)")

@@ -36,6 +36,20 @@ def load_image(source) -> Image.Image:
     return to_rgb(_upright(_read(Path(source))))
 
 
+def displayed_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) as displayed (EXIF orientation applied), from the header alone; the
+    ImageError load_image gives for what cannot be read."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if image.getexif().get(0x0112) in (5, 6, 7, 8):
+                width, height = height, width
+            return width, height
+    except Exception:
+        load_image(path)  # raises the one-line ImageError a render would give
+        raise ImageError(f"'{path}' cannot be read") from None
+
+
 def _read(path: Path) -> Image.Image:
     if not path.exists():
         raise ImageError(f"'{path}': no such file")

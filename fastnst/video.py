@@ -70,7 +70,7 @@ class VideoSummary:
     frames: int = 0  # frames in the clip seen so far
     rendered: int = 0  # units (below) rendered by this run
     skipped: int = 0  # units finished by an earlier run
-    unit: str = "frame"  # what rendered and skipped count: frames, or with multipass frame passes
+    unit: str = "frames"  # what rendered and skipped count: frames, or with multipass frame passes
     interrupted: bool = False
     seconds: float = 0.0
     consistency: list[float] = field(default_factory=list)  # per frame after the first
@@ -322,7 +322,8 @@ def _claim(folder: Path, recipe: dict, force: bool) -> None:
 
 def _clear(folder: Path) -> None:
     """Remove what fastnst video writes into a work folder (and nothing else)."""
-    for path in [folder / MANIFEST, folder / RECIPE, *folder.glob("frame_*.png"), *folder.glob("audio.*")]:
+    tracks = [audio_track_path(folder, Path(f"output{suffix}")) for suffix in VIDEO_CODECS]
+    for path in [folder / MANIFEST, folder / RECIPE, *folder.glob("frame_*.png"), *tracks]:
         path.unlink(missing_ok=True)
     _remove_pass_files(folder)
 
@@ -455,7 +456,7 @@ def _render_multipass(clip: Clip, style_images: list, folder: Path, config: Styl
     rerun resumes from: the content frames, the flows, and the results (fp16) of the last complete
     pass and of the one under way; a rerun resumes at the first unfinished (pass, window), and once
     the frames are written all of that is removed.  ``rendered`` and ``skipped`` count frame passes."""
-    summary = VideoSummary(temporal_weight=settings.temporal_weight, unit="frame pass")
+    summary = VideoSummary(temporal_weight=settings.temporal_weight, unit="frame passes")
     started = time.perf_counter()
     iterations = _pass_iterations(config, settings.passes if settings.temporal_weight else 0)  # 0: independent
     complete = (folder / MANIFEST).exists()  # written once, when every frame is done

@@ -295,7 +295,7 @@ def test_multipass_keeps_only_what_resume_needs_and_reports_its_progress(tmp_pat
         return len(seen) > 5  # pass 0: 2 windows, pass 1: 2, pass 2: 1 window, then stop
 
     first = video.render_video(folder, [STYLE], out, config, settings, should_stop=watch_then_stop, progress=False)
-    assert first.interrupted and first.unit == "frame pass" and first.rendered == 10 and max(seen) <= 2
+    assert first.interrupted and first.unit == "frame passes" and first.rendered == 10 and max(seen) <= 2
     second = video.render_video(folder, [STYLE], out, config, settings, progress=False)
     assert (second.skipped, second.rendered, second.frames) == (10, 6, 4)  # 4 passes (3 + 1 + 1 + 1 its.) x 4
     assert sorted(p.name for p in out.iterdir()) == ["command.json", *[f"frame_{i:06d}.png" for i in range(1, 5)],
