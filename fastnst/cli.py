@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stylise every frame of INPUT (a video file or a folder of frames) in order; each frame "
                     "starts from the previous result warped along the optical flow and is held to it where "
                     "the flow can be trusted (Ruder et al. 2016).  OUTPUT with a video extension (.mp4 .mov "
-                    ".mkv .webm .avi) is encoded at the input's frame rate with its audio; any other OUTPUT "
-                    "is a folder of numbered frames.  Frames go to a work folder with a manifest: a rerun "
-                    "skips finished frames, Ctrl-C keeps them.")
+                    ".mkv .webm .avi) is a video with every frame at its input time, upright, and the "
+                    "input's audio (copied, or re-encoded where the container needs it); any other OUTPUT is a "
+                    "folder of numbered frames.  Frames go to a work folder with a manifest: a rerun of the "
+                    "same command skips finished frames (another command is refused), Ctrl-C keeps them.")
     _add_positionals(video, "input", "INPUT", "video file or folder of frames", "OUTPUT",
                      "video file (.mp4 .mov .mkv .webm .avi) or folder of frames")
     add_config_flags(video, VideoConfig())
