@@ -253,6 +253,8 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         config = config.replace(quiet=True, verbose=False, save_every=0, log=None)
     bits = 16 if config.output_16bit else 8
     output = check_output_path(args.output, bits)
+    _check_not_an_input(output, [args.content, *args.styles, config.init, *(config.content_mask or ()),
+                                 *(config.style_mask or ())])
     metadata = read_metadata(args.content)  # the content's colour profile and EXIF go to the output
     total = sum(config.iterations_at(i) for i in range(len(config.scale_sizes())))
 
@@ -310,6 +312,14 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
              f"{'on' if result.cuda_graph else 'off'}, {tiles}{processes}, skipped fp16 steps "
              f"{result.skipped_steps}, peak memory {memory} ({source})")
     return 0
+
+
+def _check_not_an_input(output: Path, inputs: list[str]) -> None:
+    """-o naming one of the run's own inputs would replace it (a typo away from losing a photo)."""
+    target = os.path.realpath(output)
+    if any(os.path.realpath(path) == target for path in inputs if os.path.exists(path)):
+        raise UsageError(f"-o '{output}' is one of the inputs (the content, a style, --init or mask image); give "
+                         f"another output")
 
 
 def _video(args: argparse.Namespace) -> int:

@@ -83,6 +83,8 @@ def _bad_inputs(tmp_path: Path, content: Path, style: Path):
         "normalised tiled": ([str(content), str(style), "-o", str(out), "--normalize-gradients", "--tile", "32"],
                              "--normalize-gradients cannot be combined with --tile"),
         "bad format": ([str(content), str(style), "-o", str(out), "--weights-format", "onnx"], "invalid choice"),
+        "output is the content": ([str(good), str(style), "-o", str(good)], "is one of the inputs"),
+        "output is the style": ([str(content), str(good), "-o", str(good)], "is one of the inputs"),
     }
 
 
@@ -94,6 +96,7 @@ def test_each_bad_input_is_one_line_exit_2_and_no_output(tmp_path, content_path,
         assert code == 2, (name, err)
         assert err.count("\n") == 1 and message in err and err.startswith("fastnst: error: "), (name, err)
         assert os.listdir(tmp_path / "out") == [], name
+    assert random_image(tmp_path / "again.jpg", size=(120, 90)).read_bytes() == (tmp_path / "good.jpg").read_bytes()
 
 
 def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path, style_path):
