@@ -30,7 +30,8 @@ import torch
 from . import color
 from .config import INITS, NOT_IN_COMMAND, BatchConfig, StyleConfig, single_scale
 from .errors import ConfigError, FastNSTError, first_line
-from .images import SAVE_FORMATS, displayed_size, image_to_tensor, load_image, read_metadata, resized, save_image
+from .images import (SAVE_FORMATS, displayed_size, fitted_size, image_to_tensor, load_image, read_metadata, resized,
+                     save_image)
 from .loop import Hooks
 from .measure import SAFETY, free_bytes, model_flops, peak_tflops
 from .objective import check_fits, feature_layers
@@ -317,9 +318,7 @@ class Manifest:
 
 
 def output_size(job: Job) -> tuple[int, int]:
-    width, height = displayed_size(job.content)
-    scale = job.config.size / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    return fitted_size(displayed_size(job.content), job.config.size)
 
 
 def bucket_key_options(config: StyleConfig) -> str:

@@ -160,9 +160,8 @@ def write_audio_track(clip: Clip, plans: list[AudioPlan], destination: Path, war
         with av.open(str(clip.path)) as container, av.open(stream, "w", format=fmt) as out:
             sources = {p.index: container.streams[p.index] for p in plans}
             targets = {p.index: _add_stream(out, p, sources[p.index]) for p in plans}
-            by_index = {p.index: p for p in plans}
-            skipped = dict.fromkeys(by_index, 0)
-            encoders = {i: _Reencoded(targets[i], clip.origin) for i, p in by_index.items() if not p.copy}
+            skipped = dict.fromkeys(sources, 0)
+            encoders = {p.index: _Reencoded(targets[p.index], clip.origin) for p in plans if not p.copy}
             for packet in container.demux(*sources.values()):
                 index = packet.stream.index
                 if packet.dts is None:  # a stream's flush marker: encoders are flushed below

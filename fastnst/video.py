@@ -171,15 +171,16 @@ def _prepare(source, styles: list, output: Path, config: StyleConfig, settings: 
     """Open and check everything before any work: the clip (every frame's size, for a folder),
     the styles and the frame size against the layers, that OUTPUT is not the input, how each audio
     stream goes into OUTPUT, the free disk; then claim the work folder for this command and write
-    the audio track into it.  (clip, style images, work folder, audio track or None)."""
+    the audio track into it.  (clip, style images at the frames' scale, work folder, audio track or
+    None)."""
     clip = open_clip(source, settings.fps)
     folder = work_folder(output)
     _check_not_input(clip.path, output, folder)
     layers = feature_layers(config)
     check_fits(fitted_size(clip.size, config.size), layers, "video frame")
-    style_images = [load_image(s) for s in styles]
+    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale))) for s in styles]
     for image in style_images:
-        check_fits(resized(image, max(1, round(config.size * config.style_scale))), layers, "style image")
+        check_fits(image, layers, "style image")
     plans = plan_audio(clip, output) if is_video_path(output) else []
     _check_disk(folder, clip, config, settings)
     try:
@@ -240,7 +241,6 @@ def _render_sequential(clip: Clip, style_images: list, folder: Path, config: Sty
     summary, started = VideoSummary(temporal_weight=settings.temporal_weight), time.perf_counter()
     shown: list[Shown] = []
     keep = max(offsets, default=1)
-    scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
     tile = _tile(runtime, config, fitted_size(clip.size, config.size))
     frames = clip.frames()
     bar = tqdm(total=clip.estimated_count, unit="frame", desc="video", disable=not progress, dynamic_ncols=True)
@@ -265,7 +265,7 @@ def _render_sequential(clip: Clip, style_images: list, folder: Path, config: Sty
                 outputs[index] = image_to_tensor(Image.open(folder / done[index]["file"]).convert("RGB"))
                 summary.skipped += 1
             else:
-                outputs[index] = _render_frame(runtime, config, content, scaled_styles,
+                outputs[index] = _render_frame(runtime, config, content, style_images,
                                                frame_flows if settings.temporal_weight else {}, outputs,
                                                index, settings.temporal_weight, tile)
                 _write_frame(folder, index, current.time, outputs, frame_flows.get(1), summary)
@@ -468,7 +468,6 @@ def _render_multipass(clip: Clip, style_images: list, folder: Path, config: Styl
     if complete:  # frames removed since: render again
         (folder / MANIFEST).unlink()
         shown = _content_frames(clip, folder, config, save=True)
-    scaled_styles = [resized(s, max(1, round(config.size * config.style_scale))) for s in style_images]
     tile = _tile(runtime, config, fitted_size(clip.size, config.size))
     content = lambda i: _load_tensor(folder / "content" / f"{i:06d}.pt")  # noqa: E731
     motion = _motion_cache(folder / "flows", between, content)
@@ -497,7 +496,7 @@ def _render_multipass(clip: Clip, style_images: list, folder: Path, config: Styl
                     starts, temporal = _pass_inputs(window, direction, count,
                                                     lambda i: _load_tensor(result_path(p - 1, i)), settings,
                                                     config.preserve_color, motion)
-                results = _render_window(runtime, config, [content(i) for i in window], scaled_styles,
+                results = _render_window(runtime, config, [content(i) for i in window], style_images,
                                          starts, temporal, iterations[p], tile)
                 for i, image in zip(window, results):
                     _save_tensor(image, result_path(p, i))
