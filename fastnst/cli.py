@@ -253,8 +253,8 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         config = config.replace(quiet=True, verbose=False, save_every=0, log=None)
     bits = 16 if config.output_16bit else 8
     output = check_output_path(args.output, bits)
-    _check_not_an_input(output, [args.content, *args.styles, config.init, *(config.content_mask or ()),
-                                 *(config.style_mask or ())])
+    inputs = [args.content, *args.styles, config.init, *(config.content_mask or ()), *(config.style_mask or ())]
+    _check_not_an_input(output, inputs)
     metadata = read_metadata(args.content)  # the content's colour profile and EXIF go to the output
     total = sum(config.iterations_at(i) for i in range(len(config.scale_sizes())))
 
@@ -268,7 +268,7 @@ def _stylize_with(args: argparse.Namespace, config: StyleConfig, shard) -> int:
         write(image, checkpoint_path(output, iteration, total))
 
     if config.save_every and main_rank:
-        removed = remove_old_checkpoints(output, [args.content, *args.styles])
+        removed = remove_old_checkpoints(output, inputs)  # an --init from an earlier checkpoint stays
         if removed and not config.quiet:
             _say(f"removed {len(removed)} --save-every image{'s' * (len(removed) > 1)} of an earlier run of "
                  f"{output} ({', '.join(sorted(p.name for p in removed)[:3])}{', ...' if len(removed) > 3 else ''})")

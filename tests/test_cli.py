@@ -244,3 +244,7 @@ def test_save_every_images_of_an_earlier_run_are_removed(tmp_path, content_path,
     assert main(["stylize", *common, "--iterations", "3", "--save-every", "3"]) == 0
     assert "removed 2 --save-every images of an earlier run" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["out.png", "out_3.png", "out_notes.png"]
+    # Continuing from an earlier checkpoint: the --init image is an input, not a leftover.
+    assert main(["stylize", *common, "--iterations", "2", "--save-every", "1", "--init", str(tmp_path / "out_3.png"),
+                 "--quiet"]) == 0
+    assert sorted(os.listdir(tmp_path)) == ["out.png", "out_1.png", "out_2.png", "out_3.png", "out_notes.png"]
