@@ -18,8 +18,9 @@ respect to F) and writes it in the layout of the gradient tensor.
 ``_grouped_gram_kernel`` and ``_grouped_gram_backward_kernel`` do the same for several layers in
 one launch each (the style losses of all style layers: 2 launches and 1 memset per step instead of
 3 per layer).  Each layer's programs take a contiguous range of the one grid axis; a program finds
-its layer by comparing its index with the ranges' starts, unrolled over the layers at compile time
-(``tl.static_range``; per-layer pointers and sizes arrive as tuples), and runs the same
+its layer by comparing its index with the ranges' starts, which it works out from the layers' sizes
+(unrolled over the layers at compile time with ``tl.static_range``; per-layer pointers and sizes
+arrive as tuples, whose integers Triton specialises, so no argument depends on the split), and runs the same
 ``_gram_program`` / ``_gram_backward_program`` as the one-layer kernels.  Besides the launches
 saved, the deep layers' few tiles (conv5_1 at 512 px: 36 tile programs) now share the GPU with
 conv1_1's many instead of running alone.
@@ -36,7 +37,11 @@ run; only the loss's cross-tile sum still uses an atomic.
 
 Block sizes are reasoned, not yet tuned on a GPU: 64-wide channel tiles match conv1_1 (C = 64)
 exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step keep each load a
-64x64 tile (8 KiB in bf16).  ``benchmarks/bench_kernels.py`` is where tuning should start.
+64x64 tile (8 KiB in bf16).  The forward Gram runs 8 warps: with 4, the accumulator, the style
+epilogue's target and difference tiles and the addresses took 206-255 registers a thread on sm_90
+(cross-compiled, benchmarks/cross_compile.py); with 8 each thread holds half of every tile, 110-142
+registers, and twice the warps fit on an SM for the same tiles (the same work per byte moved).
+``benchmarks/bench_kernels.py`` is where tuning should start.
 """
 
 from __future__ import annotations
@@ -101,12 +106,12 @@ def _gram_kernel(
     x_ptr, target_ptr, out_ptr, ws_ptr, counter_ptr, loss_ptr, C, M, stride_xb, stride_xc, stride_xm,
     stride_tb, stride_tc, stride_tr, tiles, chunk, n_split, loss_scale,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, STYLE: tl.constexpr, SPLIT: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     """One layer's Gram (or style loss): the arguments are _gram_program's."""
     _gram_program(tl.program_id(0), x_ptr, target_ptr, out_ptr, ws_ptr, counter_ptr, loss_ptr, C, M,
                   stride_xb, stride_xc, stride_xm, stride_tb, stride_tc, stride_tr, tiles, chunk, n_split,
-                  loss_scale, BLOCK_C, BLOCK_K, STYLE, SPLIT, DOT_FP32)
+                  loss_scale, BLOCK_C, BLOCK_K, STYLE, SPLIT, DOT)
 
 
 @triton.jit
@@ -128,7 +133,7 @@ def _gram_program(
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
     STYLE: tl.constexpr,  # epilogue: False writes G, True writes D and the loss
     SPLIT: tl.constexpr,  # n_split > 1: accumulate through the workspace
-    DOT_FP32: tl.constexpr,  # multiply in fp32 (fp32 inputs, and the interpreter)
+    DOT: tl.constexpr,  # "ieee", "tf32" or "native" (dot_precision)
 ):
     # One grid axis (see the module docstring): pid = (b * n_split + part) * T^2 + tile, so the
     # programs that run side by side share their positions (part) and read the same F columns.
@@ -152,10 +157,10 @@ def _gram_program(
                         mask=(rows[:, None] < C) & in_k, other=0.0)
             bt = tl.load(x_base + cols[:, None] * stride_xc + k[None, :] * stride_xm,
                          mask=(cols[:, None] < C) & in_k, other=0.0)
-            if DOT_FP32:
-                acc += tl.dot(a.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision="ieee")
-            else:
+            if DOT == "native":
                 acc += tl.dot(a, tl.trans(bt))
+            else:
+                acc += tl.dot(a.to(tl.float32), tl.trans(bt.to(tl.float32)), input_precision=DOT)
         if SPLIT:
             r32 = tl.arange(0, BLOCK_C)
             tile_rows = i * BLOCK_C + r32
@@ -179,12 +184,12 @@ def _gram_program(
 def _gram_backward_kernel(
     d_ptr, x_ptr, grad_ptr, scale_ptr, scale, C, M, stride_xb, stride_xc, stride_xm, stride_gb, stride_gc,
     stride_gm, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SCALE_PTR: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr, DOT: tl.constexpr,
 ):
     """One layer's D F product: the arguments are _gram_backward_program's."""
     _gram_backward_program(tl.program_id(0), d_ptr, x_ptr, grad_ptr, scale_ptr, scale, C, M, stride_xb,
                            stride_xc, stride_xm, stride_gb, stride_gc, stride_gm, BLOCK_C, BLOCK_M, BLOCK_K,
-                           HAS_SCALE_PTR, DOT_FP32)
+                           HAS_SCALE_PTR, DOT)
 
 
 @triton.jit
@@ -199,7 +204,7 @@ def _gram_backward_program(
     stride_xb, stride_xc, stride_xm,
     stride_gb, stride_gc, stride_gm,
     BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    HAS_SCALE_PTR: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_SCALE_PTR: tl.constexpr, DOT: tl.constexpr,
 ):
     """grad[b, c, m] = scale * scale_ptr[b] * sum_k D[b, c, k] F[b, k, m]."""
     # One grid axis: pid = (b * m_blocks + pm) * c_blocks + pc; neighbouring programs take the
@@ -220,11 +225,11 @@ def _gram_backward_program(
                     other=0.0)
         f = tl.load(x_base + k[:, None] * stride_xc + cols[None, :] * stride_xm,
                     mask=(k[:, None] < C) & (cols[None, :] < M), other=0.0)
-        if DOT_FP32:
-            acc += tl.dot(d, f.to(tl.float32), input_precision="ieee")
-        else:
+        if DOT == "native":
             # bf16: D rounded to bf16 (same exponent range as fp32), products accumulated in fp32.
             acc += tl.dot(d.to(f.dtype), f)
+        else:
+            acc += tl.dot(d, f.to(tl.float32), input_precision=DOT)
     acc = acc * scale
     if HAS_SCALE_PTR:
         acc = acc * tl.load(scale_ptr + b)
@@ -238,23 +243,30 @@ def _grouped_gram_kernel(
     x_ptrs, target_ptrs, out_ptrs,  # per layer: F, A and D, as for _gram_program
     scratch_ptr, counters_ptr,  # fp32 and int32 views of one zeroed buffer: losses (L, B), counters, workspaces
     workspace_at, counters_at,  # per layer: element offsets of its workspace and counters in the buffer
-    starts,  # L + 1 program offsets: layer l owns programs starts[l] .. starts[l + 1] - 1
     batch,
-    Cs, Ms, stride_xbs, stride_xcs, stride_xms, stride_tbs, stride_tcs, stride_trs, tiles, chunks, n_splits,
+    Cs, Ms, stride_xbs, stride_xcs, stride_xms, stride_tbs, stride_tcs, stride_trs, tiles, chunks,
     loss_scales,  # per layer, as for _gram_program
     LAYERS: tl.constexpr, SPLITS: tl.constexpr,  # SPLITS: per layer, n_split > 1
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr,
 ):
-    """The style losses of all layers in one launch: each program runs _gram_program for its layer."""
+    """The style losses of all layers in one launch: each program runs _gram_program for its layer.
+
+    Layer l owns the batch * n_split * T^2 programs after layer l - 1's.  Where a layer's programs
+    start, and its split, are worked out here from its positions and chunk rather than passed:
+    Triton specialises every integer of a tuple argument (equal to 1, divisible by 16), so program
+    offsets and splits as arguments made a new compile for nearly every image size."""
     pid = tl.program_id(0)
+    first = 0  # the first program of this layer
     for layer in tl.static_range(LAYERS):
-        if (pid >= starts[layer]) & (pid < starts[layer + 1]):
-            _gram_program(pid - starts[layer], x_ptrs[layer], target_ptrs[layer], out_ptrs[layer],
+        n_split = tl.maximum(tl.cdiv(Ms[layer], chunks[layer]), 1)  # as _GramLayer: no empty programs
+        programs = batch * n_split * tiles[layer] * tiles[layer]
+        if (pid >= first) & (pid < first + programs):
+            _gram_program(pid - first, x_ptrs[layer], target_ptrs[layer], out_ptrs[layer],
                           scratch_ptr + workspace_at[layer], counters_ptr + counters_at[layer],
                           scratch_ptr + layer * batch, Cs[layer], Ms[layer], stride_xbs[layer], stride_xcs[layer],
                           stride_xms[layer], stride_tbs[layer], stride_tcs[layer], stride_trs[layer], tiles[layer],
-                          chunks[layer], n_splits[layer], loss_scales[layer], BLOCK_C, BLOCK_K, True, SPLITS[layer],
-                          DOT_FP32)
+                          chunks[layer], n_split, loss_scales[layer], BLOCK_C, BLOCK_K, True, SPLITS[layer], DOT)
+        first += programs
 
 
 @triton.jit
@@ -262,20 +274,24 @@ def _grouped_gram_backward_kernel(
     d_ptrs, x_ptrs, grad_ptrs,  # per layer: D, F and the gradient, as for _gram_backward_program
     scale_ptr,  # (L, B) fp32: layer l's sample b is multiplied by scale_ptr[l * batch + b]
     scales,  # per layer: a host float multiplying the result
-    starts,  # L + 1 program offsets, as in _grouped_gram_kernel
     batch,
     Cs, Ms, stride_xbs, stride_xcs, stride_xms, stride_gbs, stride_gcs, stride_gms,  # per layer
     LAYERS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT: tl.constexpr,
 ):
-    """The D F products of all layers in one launch: each program runs _gram_backward_program."""
+    """The D F products of all layers in one launch: each program runs _gram_backward_program.
+    Layer l owns the batch * cdiv(C, BLOCK_C) * cdiv(M, BLOCK_M) programs after layer l - 1's
+    (worked out here, not passed, as in _grouped_gram_kernel)."""
     pid = tl.program_id(0)
+    first = 0
     for layer in tl.static_range(LAYERS):
-        if (pid >= starts[layer]) & (pid < starts[layer + 1]):
-            _gram_backward_program(pid - starts[layer], d_ptrs[layer], x_ptrs[layer], grad_ptrs[layer],
+        programs = batch * tl.cdiv(Cs[layer], BLOCK_C) * tl.cdiv(Ms[layer], BLOCK_M)
+        if (pid >= first) & (pid < first + programs):
+            _gram_backward_program(pid - first, d_ptrs[layer], x_ptrs[layer], grad_ptrs[layer],
                                    scale_ptr + layer * batch, scales[layer], Cs[layer], Ms[layer],
                                    stride_xbs[layer], stride_xcs[layer], stride_xms[layer], stride_gbs[layer],
-                                   stride_gcs[layer], stride_gms[layer], BLOCK_C, BLOCK_M, BLOCK_K, True, DOT_FP32)
+                                   stride_gcs[layer], stride_gms[layer], BLOCK_C, BLOCK_M, BLOCK_K, True, DOT)
+        first += programs
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,14 +326,21 @@ def interpreting() -> bool:
         return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _use_fp32_dot(x: torch.Tensor, backward: bool = False) -> bool:
-    """Whether products are formed in fp32 rather than on 16-bit tensor cores.
+def dot_precision(x: torch.Tensor, backward: bool = False) -> str:
+    """How the kernels form their products: the ``DOT`` constexpr.
 
-    fp32 inputs: always.  fp16 in the backward product: D = G - A is of order M * F^2 and would
-    overflow fp16's 65504, so it stays fp32 (bf16 has fp32's exponent range and is fine).
-    Under the interpreter: always, because its bf16/fp16 dot is wrong (numpy has no bf16 matmul).
+    "ieee": fp32 operands multiplied exactly (CUDA cores): fp32 features, and under the
+    interpreter, whose bf16/fp16 dot is wrong (numpy has no bf16 matmul).
+    "tf32": fp32 operands rounded to tf32 on the tensor cores: fp16's backward product, where
+    D = G - A is of order M F^2 and would overflow fp16's 65504.  tf32 keeps fp32's range and
+    fp16's 10-bit mantissa, so F is exact and D is rounded no worse than an fp16 result; the
+    fp32 "ieee" product it replaces needed 255 registers and spilled on sm_90.
+    "native": the 16-bit operands on the tensor cores, fp32 accumulation (bf16 has fp32's range,
+    so its backward rounds D to bf16).
     """
-    return (x.dtype == torch.float32 or (backward and x.dtype == torch.float16) or interpreting())
+    if backward and x.dtype == torch.float16:
+        return "tf32"  # the interpreter computes it in fp32: the same code path, exactly
+    return "ieee" if x.dtype == torch.float32 or interpreting() else "native"
 
 
 def programs_wanted(device: torch.device) -> int:
@@ -411,13 +434,10 @@ def _scratch(layers: list[_GramLayer], device) -> tuple[torch.Tensor, list[int],
     return torch.zeros(at, dtype=torch.float32, device=device), counters_at, workspaces_at
 
 
-def _program_ranges(layers: list, kernel: str) -> tuple[tuple[int, ...], tuple[int]]:
-    """Where each layer's programs start on the one grid axis (and where the last ends), and the
-    grid they fill together, for a grouped launch."""
-    starts = [0]
-    for layer in layers:
-        starts.append(starts[-1] + layer.programs)
-    return tuple(starts), grid_1d(starts[-1], kernel)
+def _grid_for(layers: list, kernel: str) -> tuple[int]:
+    """The grid of a grouped launch: every layer's programs, one after another on the one axis
+    (the kernel works out where each layer's begin from the same sizes)."""
+    return grid_1d(sum(layer.programs for layer in layers), kernel)
 
 
 def _per_layer(layers: list, field) -> tuple:
@@ -441,7 +461,7 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
         layer.x, layer.target, layer.out, scratch[workspace_at:], counters, loss, layer.channels,
         layer.positions, *layer.strides, *layer.target_strides, layer.tiles, layer.chunk, layer.n_split,
         layer.loss_scale, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, STYLE=layer.style, SPLIT=layer.n_split > 1,
-        DOT_FP32=_use_fp32_dot(layer.x), num_warps=4, num_stages=3)
+        DOT=dot_precision(layer.x), num_warps=8, num_stages=3)
     return layer.out, (loss if layer.style else None)
 
 
@@ -457,18 +477,18 @@ def launch_grouped_style_losses(xs: list[torch.Tensor], targets: list[torch.Tens
     if any(layer.batch != batch or layer.x.dtype != layers[0].x.dtype for layer in layers):
         raise ValueError("grouped style losses need features of one batch size and dtype")
     scratch, counters_at, workspaces_at = _scratch(layers, layers[0].x.device)
-    starts, grid = _program_ranges(layers, "the grouped Gram kernel")
+    grid = _grid_for(layers, "the grouped Gram kernel")
     each = functools.partial(_per_layer, layers)
     _grouped_gram_kernel[grid](
         each(lambda layer: layer.x), each(lambda layer: layer.target), each(lambda layer: layer.out),
-        scratch, scratch.view(torch.int32), tuple(workspaces_at), tuple(counters_at), starts, batch,
+        scratch, scratch.view(torch.int32), tuple(workspaces_at), tuple(counters_at), batch,
         each(lambda layer: layer.channels), each(lambda layer: layer.positions),
         each(lambda layer: layer.strides[0]), each(lambda layer: layer.strides[1]),
         each(lambda layer: layer.strides[2]), each(lambda layer: layer.target_strides[0]),
         each(lambda layer: layer.target_strides[1]), each(lambda layer: layer.target_strides[2]),
-        each(lambda layer: layer.tiles), each(lambda layer: layer.chunk), each(lambda layer: layer.n_split),
-        each(lambda layer: layer.loss_scale), LAYERS=len(layers), SPLITS=each(lambda layer: layer.n_split > 1),
-        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, DOT_FP32=_use_fp32_dot(layers[0].x), num_warps=4, num_stages=3)
+        each(lambda layer: layer.tiles), each(lambda layer: layer.chunk), each(lambda layer: layer.loss_scale),
+        LAYERS=len(layers), SPLITS=each(lambda layer: layer.n_split > 1),
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, DOT=dot_precision(layers[0].x), num_warps=8, num_stages=3)
     return [layer.out for layer in layers], scratch[:batch * len(layers)].view(len(layers), batch)
 
 
@@ -499,7 +519,7 @@ def launch_gram_backward(d: torch.Tensor, x: torch.Tensor, scale: float = 1.0,
         layer.d, layer.x, layer.grad, scale_tensor if scale_tensor is not None else layer.d, layer.scale,
         layer.channels, layer.positions, *layer.strides, *layer.grad_strides, BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M,
         BLOCK_K=BACKWARD_BLOCK_K, HAS_SCALE_PTR=scale_tensor is not None,
-        DOT_FP32=_use_fp32_dot(layer.x, backward=True), num_warps=4, num_stages=3)
+        DOT=dot_precision(layer.x, backward=True), num_warps=4, num_stages=3)
     return layer.grad
 
 
@@ -509,16 +529,16 @@ def launch_grouped_gram_backward(ds: list[torch.Tensor], xs: list[torch.Tensor],
     fp32 contiguous (autograd's grad_out of the grouped losses).  Each gradient is shaped and laid
     out like its features, in their dtype."""
     layers = [_BackwardLayer(d, x, scale) for d, x, scale in zip(ds, xs, scales)]
-    starts, grid = _program_ranges(layers, "the grouped Gram backward kernel")
+    grid = _grid_for(layers, "the grouped Gram backward kernel")
     each = functools.partial(_per_layer, layers)
     _grouped_gram_backward_kernel[grid](
         each(lambda layer: layer.d), each(lambda layer: layer.x), each(lambda layer: layer.grad), scale_tensor,
-        each(lambda layer: layer.scale), starts, xs[0].shape[0], each(lambda layer: layer.channels),
+        each(lambda layer: layer.scale), xs[0].shape[0], each(lambda layer: layer.channels),
         each(lambda layer: layer.positions), each(lambda layer: layer.strides[0]),
         each(lambda layer: layer.strides[1]), each(lambda layer: layer.strides[2]),
         each(lambda layer: layer.grad_strides[0]), each(lambda layer: layer.grad_strides[1]),
         each(lambda layer: layer.grad_strides[2]), LAYERS=len(layers), BLOCK_C=BLOCK_C, BLOCK_M=BLOCK_M,
-        BLOCK_K=BACKWARD_BLOCK_K, DOT_FP32=_use_fp32_dot(xs[0], backward=True), num_warps=4, num_stages=3)
+        BLOCK_K=BACKWARD_BLOCK_K, DOT=dot_precision(xs[0], backward=True), num_warps=4, num_stages=3)
     return [layer.grad for layer in layers]
 
 
