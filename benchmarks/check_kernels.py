@@ -97,7 +97,7 @@ def check_grouped(xs: list[torch.Tensor], dtype_name: str) -> dict:
         grad_out.append(1.0 / grads64[-1].abs().max().item())
         losses64.append(d64.square().sum() * unit / 4)
     leaves = [x.detach().requires_grad_(True) for x in xs]
-    losses = triton_style_loss.GroupedStyleLosses.apply(len(leaves), *leaves, *targets)  # no fallback
+    losses = triton_style_loss.GroupedStyleLosses.apply(len(leaves), False, *leaves, *targets)  # no fallback
     scales = torch.tensor(grad_out, device=losses.device)[:, None]
     grads = torch.autograd.grad(losses, leaves, grad_outputs=scales.expand_as(losses).contiguous())
     loss_error = max(relative_error(losses[i, 0], losses64[i]) for i in range(len(xs)))

@@ -225,7 +225,7 @@ def launch(case: Case) -> None:
         return
     xs = [features(case, layer) for layer in STYLE_LAYERS]
     if case.path == "grouped":
-        losses = triton_style_loss.GroupedStyleLosses.apply(len(xs), *xs, *map(target_gram, xs))
+        losses = triton_style_loss.GroupedStyleLosses.apply(len(xs), False, *xs, *map(target_gram, xs))
         torch.autograd.grad(losses.sum(), xs)
     for x in xs if case.path != "grouped" else ():
         out = (triton_style_loss.style_loss(x, target_gram(x)) if case.path == "per-layer"

@@ -152,30 +152,51 @@ def test_grouped_style_losses_equal_each_layers_own(dtype, split, monkeypatch):
         _close(grads[layer], expected_grads[layer], GRAD_TOLERANCE[dtype], f"layer {layer} gradient")
 
 
-def test_grouped_style_losses_fall_back_to_one_launch_per_layer(monkeypatch, capsys):
-    """Where the grouped kernels cannot compile (an older Triton without tuple arguments), the first
-    call says so once and it and every later call give the same losses and gradients through the
-    one-layer kernels."""
-    monkeypatch.setattr(triton_style_loss, "_grouped_works", None)
+class _Uncompilable:
+    """A Triton kernel that fails where it would compile, as a kernel an older Triton rejects."""
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("tuples are not supported\nsecond line")
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("tuples are not supported\nsecond line")
 
-    monkeypatch.setattr(triton_style_loss, "launch_grouped_style_losses", broken)
+        return launch
+
+
+@pytest.mark.parametrize("broken", ["_grouped_gram_kernel", "_grouped_gram_backward_kernel"],
+                         ids=["forward", "backward"])
+def test_grouped_style_losses_fall_back_to_one_launch_per_layer(monkeypatch, capsys, broken):
+    """Where either grouped kernel cannot compile (an older Triton without tuple arguments), its
+    first use says so once and that call and every later one give the same losses and gradients
+    through the one-layer kernels.  The backward runs inside autograd, after the forward has
+    already succeeded: it falls back there too, instead of failing the run's first step."""
+    monkeypatch.setattr(triton_style_loss, "_grouped_works", {"forward": None, "backward": None})
+    monkeypatch.setattr(triton_gram, broken, _Uncompilable())
     g = torch.Generator().manual_seed(5)
     xs = [_features(2, c, 91, torch.float32, "channels_last", seed=c) for c in (3, 64)]
     targets = [torch.rand(c, c, generator=g).to(DEVICE) for c in (3, 64)]
     for attempt in range(2):
         leaves = [x.clone().requires_grad_(True) for x in xs]
         losses = triton_style_loss.grouped_style_losses(leaves, targets)
-        grads = torch.autograd.grad(losses.sum(), leaves)
+        grads = torch.autograd.grad((losses * torch.tensor([[1.0], [0.5]])).sum(), leaves)
         for layer, (x, target) in enumerate(zip(xs, targets)):
             leaf = x.clone().requires_grad_(True)
             alone = triton_style_loss.style_losses(leaf, target)
-            (grad,) = torch.autograd.grad(alone.sum(), leaf)
+            (grad,) = torch.autograd.grad(alone.sum() * (1.0, 0.5)[layer], leaf)
             assert torch.equal(losses[layer], alone) and torch.equal(grads[layer], grad)
+    direction = "forward" if broken == "_grouped_gram_kernel" else "backward"
     err = capsys.readouterr().err
-    assert err.count("grouped style-loss kernels unavailable (tuples are not supported)") == 1
+    assert err.count(f"grouped style-loss kernels unavailable ({direction}: tuples are not supported)") == 1
+    assert err.count("\n") == 1
+
+
+def test_the_grouped_kernels_without_fallback_raise(monkeypatch):
+    """GroupedStyleLosses.apply(fallback=False), as the GPU check calls it, never hides a failure."""
+    monkeypatch.setattr(triton_style_loss, "_grouped_works", {"forward": None, "backward": None})
+    monkeypatch.setattr(triton_gram, "_grouped_gram_backward_kernel", _Uncompilable())
+    leaves = [_features(1, 64, 16, torch.float32, "contiguous", seed=1).requires_grad_(True)]
+    losses = triton_style_loss.GroupedStyleLosses.apply(1, False, *leaves, torch.ones(64, 64, device=DEVICE))
+    with pytest.raises(RuntimeError, match="tuples are not supported"):
+        torch.autograd.grad(losses.sum(), leaves)
 
 
 class _Counted:

@@ -50,27 +50,59 @@ def style_loss(x: torch.Tensor, target_gram: torch.Tensor, weight: float = 1.0) 
 
 
 class GroupedStyleLosses(torch.autograd.Function):
-    """The style losses of L layers, (L, B), from one forward and one backward launch."""
+    """The style losses of L layers, (L, B), from one forward and one backward launch.
+
+    ``apply(layers, fallback, *features, *targets)``: with ``fallback`` a failure of the grouped
+    backward launch on its first use is said once on stderr and the gradient comes from one launch
+    per layer (``grouped_style_losses``); without it (the GPU check, the cross-compile) it raises."""
 
     @staticmethod
-    def forward(ctx, layers: int, *features_and_targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, layers: int, fallback: bool, *features_and_targets: torch.Tensor) -> torch.Tensor:
         xs, targets = features_and_targets[:layers], features_and_targets[layers:]
         scales = [style_normaliser(*as_bcm(x)[1:3]) for x in xs]
         ds, losses = launch_grouped_style_losses(list(xs), list(targets), scales)
         ctx.save_for_backward(*xs, *ds)
-        ctx.layers, ctx.grad_scales = layers, [4.0 * scale for scale in scales]  # 1 / (C^2 M^2)
+        ctx.layers, ctx.fallback, ctx.grad_scales = layers, fallback, [4.0 * scale for scale in scales]  # 1/(C^2 M^2)
         return losses
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         saved = ctx.saved_tensors
         xs, ds = saved[:ctx.layers], saved[ctx.layers:]
-        grads = launch_grouped_gram_backward(list(ds), list(xs), ctx.grad_scales, grad_out.float().contiguous())
-        return (None, *grads) + (None,) * ctx.layers
+        scale_tensor = grad_out.float().contiguous()
+        if ctx.fallback and _grouped_works["backward"] is False:
+            grads = _per_layer_backward(ds, xs, ctx.grad_scales, scale_tensor)
+        else:
+            try:
+                grads = launch_grouped_gram_backward(list(ds), list(xs), ctx.grad_scales, scale_tensor)
+            except Exception as exc:
+                if not ctx.fallback or _grouped_works["backward"]:  # it ran before: a real error
+                    raise
+                _unavailable("backward", exc)
+                grads = _per_layer_backward(ds, xs, ctx.grad_scales, scale_tensor)
+            else:
+                _grouped_works["backward"] = True
+        return (None, None, *grads) + (None,) * ctx.layers
 
 
-# None until the grouped kernels first run; False once they failed to compile or launch here.
-_grouped_works: bool | None = None
+def _per_layer_backward(ds, xs, grad_scales, scale_tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The grouped backward's gradients from one launch per layer (the same numbers)."""
+    return [launch_gram_backward(d, x, scale=scale, scale_tensor=scale_tensor[layer].contiguous())
+            for layer, (d, x, scale) in enumerate(zip(ds, xs, grad_scales))]
+
+
+# Per direction: None until the grouped kernel first runs, True once it has, False once it failed
+# to compile or launch here (then every later call takes one launch per layer in both directions).
+_grouped_works: dict[str, bool | None] = {"forward": None, "backward": None}
+
+
+def _unavailable(direction: str, exc: Exception) -> None:
+    """Remember that the grouped kernels cannot run here, and say so once on stderr."""
+    warned = False in _grouped_works.values()
+    _grouped_works[direction] = False
+    if not warned:
+        print(f"fastnst: warning: grouped style-loss kernels unavailable ({direction}: {first_line(exc)}); "
+              f"one launch per layer", file=sys.stderr)
 
 
 def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor]) -> torch.Tensor:
@@ -78,23 +110,20 @@ def grouped_style_losses(xs: list[torch.Tensor], target_grams: list[torch.Tensor
     ``style_losses(xs[l], target_grams[l])``.
 
     The grouped kernels pass per-layer arguments as tuples, which an older Triton may not compile.
-    If their first use in this process fails, that is said once on stderr and every later call
-    takes one launch per layer (the same numbers, more launches), so a run is never lost to it.
-    ``GroupedStyleLosses.apply`` has no such fallback (the GPU check uses it)."""
-    global _grouped_works
+    If the first use of either direction in this process fails, that is said once on stderr and
+    that call, and every later one, takes one launch per layer (the same numbers, more launches),
+    so a run is never lost to it.  ``GroupedStyleLosses.apply`` with ``fallback=False`` raises instead."""
     if torch.is_grad_enabled() and any(target.requires_grad for target in target_grams):
         raise ValueError("the Triton style loss does not differentiate with respect to the target "
                          "Gram; detach it or use the torch backend")
-    if _grouped_works is False:
+    if False in _grouped_works.values():
         return torch.stack([style_losses(x, target) for x, target in zip(xs, target_grams)])
     try:
-        losses = GroupedStyleLosses.apply(len(xs), *xs, *target_grams)
+        losses = GroupedStyleLosses.apply(len(xs), True, *xs, *target_grams)
     except Exception as exc:
-        if _grouped_works:  # they ran before: this is a real error, not a missing Triton feature
+        if _grouped_works["forward"]:  # it ran before: this is a real error, not a missing Triton feature
             raise
-        _grouped_works = False
-        print(f"fastnst: warning: grouped style-loss kernels unavailable ({first_line(exc)}); one launch per layer",
-              file=sys.stderr)
+        _unavailable("forward", exc)
         return grouped_style_losses(xs, target_grams)
-    _grouped_works = True
+    _grouped_works["forward"] = True
     return losses
