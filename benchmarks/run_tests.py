@@ -20,6 +20,7 @@ from stage_util import figures, run_stage, stage_parser
 
 TEST_FILES = ["tests/test_gpu.py", "tests/test_kernels.py", "tests/test_launch_grids.py"]
 PER_TEST_SECONDS = 120
+DRY_RUN_SCALE = 20  # as the stage limits of a dry run (stages.sh)
 
 
 class Tally:
@@ -56,8 +57,8 @@ def main() -> int:
     options = ["-q", "-rfE", "-p", "no:cacheprovider", *files]
     if args.junit:
         options.append(f"--junitxml={args.junit}")
-    if importlib.util.find_spec("pytest_timeout"):
-        options.append(f"--timeout={PER_TEST_SECONDS}")
+    if importlib.util.find_spec("pytest_timeout"):  # a hang guard; a dry run's CPU may be slow or loaded
+        options.append(f"--timeout={PER_TEST_SECONDS * (DRY_RUN_SCALE if args.dry_run else 1)}")
     if importlib.util.find_spec("xdist"):  # the project's addopts say -n auto: choose here instead
         workers = min(8, os.cpu_count() or 1) if not args.dry_run and (os.cpu_count() or 1) >= 4 else 0
         options += ["-n", str(workers)]

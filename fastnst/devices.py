@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .errors import DeviceError
@@ -41,8 +43,17 @@ def describe_devices() -> list[str]:
 
 
 def run_metadata() -> dict:
-    """Where and with what a measurement was taken: device, versions, date, commit."""
+    """Where and with what a measurement was taken: device, versions, date, commit.  The machine's
+    part is asked once per process (nvidia-smi and git are processes of their own, and a benchmark
+    rewrites its JSON, with this, after every row); the date is the call's."""
     import datetime
+
+    return {**_machine_metadata(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_metadata() -> dict:
     import os
     import platform
 
@@ -66,7 +77,6 @@ def run_metadata() -> dict:
         "python": platform.python_version(),
         "fastnst": __version__,
         "commit": commit or "unknown",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 

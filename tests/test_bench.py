@@ -62,6 +62,28 @@ def test_bench_json_has_every_field(bench_json):
     assert bench_json["cost_model"]["flops_per_pixel"] == 2 * 722_304 + 2 * 34_816
 
 
+def test_the_machine_is_asked_once_however_often_results_are_saved(monkeypatch):
+    """A benchmark rewrites its JSON after every row; nvidia-smi and git ran for every rewrite
+    (about 19 processes in stage 4 of the GPU check).  Now once per process; the date stays fresh."""
+    import subprocess
+
+    from fastnst import devices
+
+    started = []
+    real_run = subprocess.run
+
+    def counted(*args, **kwargs):
+        started.append(args[0][0])
+        return real_run(*args, **kwargs)
+
+    devices._machine_metadata.cache_clear()
+    monkeypatch.setattr(subprocess, "run", counted)
+    first = [devices.run_metadata() for _ in range(5)]
+    assert started and len(started) <= 3  # git twice (HEAD, status) and nvidia-smi where there is CUDA
+    assert all(meta["commit"] == first[0]["commit"] and meta["date"] for meta in first)
+    devices._machine_metadata.cache_clear()
+
+
 def test_published_baselines_and_speedups():
     titan = bench.published_for(512, "lbfgs")
     assert {p["gpu"] for p in titan} == {"Tesla K40", "GTX Titan X (Maxwell)", "GTX Titan X (Pascal)"}

@@ -39,7 +39,7 @@ Block sizes are reasoned, not yet tuned on a GPU: 64-wide channel tiles match co
 exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step keep each load a
 64x64 tile (8 KiB in bf16).  The forward Gram runs 8 warps: with 4, the accumulator, the style
 epilogue's target and difference tiles and the addresses took 206-255 registers a thread on sm_90
-(cross-compiled, benchmarks/cross_compile.py); with 8 each thread holds half of every tile, 110-142
+(cross-compiled, benchmarks/cross_compile.py); with 8 each thread holds half of every tile, 110-144
 registers, and twice the warps fit on an SM for the same tiles (the same work per byte moved).
 ``benchmarks/bench_kernels.py`` is where tuning should start.
 """
@@ -417,6 +417,13 @@ class _GramLayer:
             self.target_strides = self.target.stride()
         else:
             self.target, self.target_strides = self.out, (0, 0, 0)  # unused by the kernel
+
+
+def positions_per_program(x: torch.Tensor, split: int | None = None) -> int:
+    """How many positions one program of x's Gram sums (the launcher's split; ``split`` forces it):
+    what the rounding error of a 16-bit Gram grows with (benchmarks/check_kernels.py)."""
+    layer = _GramLayer(x, None, 0.0, split)
+    return min(layer.chunk, layer.positions)
 
 
 def _scratch(layers: list[_GramLayer], device) -> tuple[torch.Tensor, list[int], list[int]]:
