@@ -71,8 +71,11 @@ MATRICES = {
 SIXTEEN_BIT = ("bf16", "fp16")  # the dtypes of the CLI's GPU default (bf16) and --precision fp16
 
 # sm_90 (H100, H200): CUDA's limits per block and per SM.
-MAX_SHARED_BYTES = 232_448
-MAX_REGISTERS_PER_SM = 65_536
+MAX_SHARED_BYTES = 232_448  # per block
+MAX_REGISTERS_PER_SM = 65_536  # also the most one block may use
+SHARED_BYTES_PER_SM = 233_472
+MAX_THREADS_PER_SM = 2048
+MAX_BLOCKS_PER_SM = 32
 
 
 @dataclass(frozen=True)
@@ -257,15 +260,55 @@ def compile_matrix(selected: list[Case], arch: int, sms: int) -> tuple[Recorder,
     return recorder, errors
 
 
-def markdown_table(recorder: Recorder, arch: int) -> str:
-    rows = sorted(recorder.compiled.values(), key=lambda c: (c.kernel, sorted(c.dtypes), c.registers))
-    lines = ["| kernel | dtypes | warps | registers | shared (B) | stack/spill (B) | blocks/SM by registers | cases |",
+def blocks_per_sm(c: Compiled) -> int:
+    """How many blocks of ``c`` one sm_90 SM holds at once, by registers, shared memory and threads."""
+    by_registers = MAX_REGISTERS_PER_SM // max(1, c.registers * c.threads)
+    by_shared = SHARED_BYTES_PER_SM // c.shared_bytes if c.shared_bytes else MAX_BLOCKS_PER_SM
+    return min(by_registers, by_shared, MAX_THREADS_PER_SM // c.threads, MAX_BLOCKS_PER_SM)
+
+
+def markdown_table(recorder: Recorder) -> str:
+    """One row per kernel and dtype: its compiled variants' ranges."""
+    groups: dict[tuple[str, str], list[Compiled]] = {}
+    for c in recorder.compiled.values():
+        groups.setdefault((c.kernel, ", ".join(sorted(c.dtypes))), []).append(c)
+
+    def span(values) -> str:
+        values = list(values)
+        low, high = min(values), max(values)
+        return f"{low}" if low == high else f"{low}-{high}"
+
+    lines = ["| kernel | dtype | variants | warps | registers | shared (B) | spill stack (B) | blocks/SM |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for c in rows:
-        per_sm = MAX_REGISTERS_PER_SM // max(1, c.registers * c.threads)
-        lines.append(f"| `{c.kernel}` | {', '.join(sorted(c.dtypes))} | {c.warps} | {c.registers} | {c.shared_bytes} "
-                     f"| {c.stack_bytes} | {per_sm} | {len(c.cases)} |")
+    for (kernel, dtype), variants in sorted(groups.items()):
+        lines.append(f"| `{kernel}` | {dtype} | {len(variants)} | {span(c.warps for c in variants)} "
+                     f"| {span(c.registers for c in variants)} | {span(c.shared_bytes for c in variants)} "
+                     f"| {span(c.stack_bytes for c in variants)} | {span(blocks_per_sm(c) for c in variants)} |")
     return "\n".join(lines) + "\n"
+
+
+def markdown_page(recorder: Recorder, args: argparse.Namespace, cases_compiled: int, failures: list[str]) -> str:
+    """docs/compiled-kernels.md: how the table was made, the limits, the table."""
+    command = " ".join(["python benchmarks/cross_compile.py", f"--matrix {args.matrix}",
+                        *(f"--dtype {d}" for d in args.dtype or ()), "--markdown docs/compiled-kernels.md"])
+    return f"""# The Triton kernels, compiled for sm_{args.arch}
+
+Every kernel specialization a run launches, cross-compiled on a CPU for sm_{args.arch} (H100/H200)
+with Triton {triton.__version__} (torch {torch.__version__}), the launchers splitting work for
+{args.sms} SMs; {cases_compiled} launch sites (paths x sizes x dtypes x layouts, split and deterministic) of
+the `{args.matrix}` matrix, {len(recorder.compiled)} distinct compiled kernels, {len(failures)} failures.
+Made by `{command}`; `tests/test_cross_compile.py` runs the same matrix in CI and fails on a compile
+error, more than {MAX_SHARED_BYTES:,} B of shared memory, registers x threads over {MAX_REGISTERS_PER_SM:,},
+or a spill on a 16-bit path (bf16, the GPU default, and `--precision fp16`).
+
+Columns: *variants* are the specializations compiled (layer, layout, divisibility of sizes and
+strides by 16, split or not, batch 1); *registers* per thread and *spill stack* (the stack frame
+ptxas gives spilled registers; these kernels have no local arrays) from `cuobjdump -res-usage`;
+*shared* is Triton's dynamic shared memory per block; *blocks/SM* is how many blocks one SM holds
+by registers, shared memory and threads (at most {MAX_BLOCKS_PER_SM}).  fp32's ieee products run
+on the CUDA cores and may spill a few bytes; that is reported, not refused.
+
+{markdown_table(recorder)}"""
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -303,7 +346,7 @@ def main(argv=None) -> int:
     recorder, errors = compile_matrix(selected, args.arch, args.sms)
     failures = errors + [f"{c.kernel} ({', '.join(sorted(c.dtypes))}; {c.cases[0]}): {problem}"
                          for c in recorder.compiled.values() for problem in c.problems()]
-    print(markdown_table(recorder, args.arch), end="")
+    print(markdown_table(recorder), end="")
     for line in failures:
         print(f"FAIL {line}")
     print(f"{len(recorder.compiled)} kernels compiled for sm_{args.arch} from {len(selected)} cases in "
@@ -314,7 +357,7 @@ def main(argv=None) -> int:
                     "kernels": [{**asdict(c), "dtypes": sorted(c.dtypes)} for c in recorder.compiled.values()]}
         args.json.write_text(json.dumps(document, indent=1) + "\n")
     if args.markdown:
-        args.markdown.write_text(markdown_table(recorder, args.arch))
+        args.markdown.write_text(markdown_page(recorder, args, len(selected), failures))
     return 1 if failures else 0
 
 

@@ -47,10 +47,12 @@ def test_every_kernel_compiles_for_sm90_within_its_limits(tmp_path, dtype):
     assert all(k["dtypes"] == [dtype] and k["registers"] > 0 and k["cases"] for k in kernels)
     if dtype != "fp32":  # the default (bf16) and --precision fp16 paths: no spill anywhere
         assert [k["kernel"] for k in kernels if k["stack_bytes"]] == []
-    # The forward Gram kernels keep a block of 256 threads under 256 registers each with room to
-    # spare: at most 160 (they were 206-255 at 4 warps).
+    # The forward Gram kernels run 8 warps; at 16 bits capped at 128 registers (they were 206-255
+    # at 4 warps), so two blocks of 256 threads share an SM, without a spill (asserted above).
     forward = [k for k in kernels if k["kernel"] in ("_gram_kernel", "_grouped_gram_kernel")]
-    assert max(k["registers"] for k in forward) <= 160 and {k["warps"] for k in forward} == {8}
+    assert {k["warps"] for k in forward} == {8}
+    if dtype != "fp32":
+        assert max(k["registers"] for k in forward) <= 128
 
 
 def test_the_grouped_kernels_compile_once_for_every_image_size(tmp_path):

@@ -39,8 +39,10 @@ Block sizes are reasoned, not yet tuned on a GPU: 64-wide channel tiles match co
 exactly and keep a 64x64 fp32 accumulator in registers; 64 positions per step keep each load a
 64x64 tile (8 KiB in bf16).  The forward Gram runs 8 warps: with 4, the accumulator, the style
 epilogue's target and difference tiles and the addresses took 206-255 registers a thread on sm_90
-(cross-compiled, benchmarks/cross_compile.py); with 8 each thread holds half of every tile, 110-144
-registers, and twice the warps fit on an SM for the same tiles (the same work per byte moved).
+(cross-compiled, benchmarks/cross_compile.py, docs/compiled-kernels.md); with 8 each thread holds
+half of every tile, and capped at 128 registers (16-bit; no spill) two blocks of 256 threads share
+an SM: twice the threads of the 4-warp kernel's two 128-thread blocks, for the same tiles and
+so the same work per byte moved.
 ``benchmarks/bench_kernels.py`` is where tuning should start.
 """
 
@@ -57,6 +59,8 @@ BLOCK_C = 64  # channel tile (rows and columns of an output tile)
 BLOCK_K = 64  # positions reduced per inner step
 BLOCK_M = 64  # positions per program in the backward product
 BACKWARD_BLOCK_K = 32  # channels reduced per inner step of the backward product
+# The forward Gram kernels' register cap at 16 bits (see _forward_options).
+FORWARD_MAX_REGISTERS = 128
 # Split M until there are about this many programs per streaming multiprocessor.
 PROGRAMS_PER_SM = 4
 # The interpreter has no SM count; a fixed small split still exercises the split path.
@@ -343,6 +347,17 @@ def dot_precision(x: torch.Tensor, backward: bool = False) -> str:
     return "ieee" if x.dtype == torch.float32 or interpreting() else "native"
 
 
+def _forward_options(x: torch.Tensor) -> dict:
+    """Launch options of the forward Gram kernels.  8 warps: each thread holds half of every 64x64
+    tile that 4 warps held (206-255 registers there).  16-bit features are capped at 128 registers,
+    which they fit without a spill (cross-compiled for sm_90: 56-126), so two blocks of 256 threads
+    share an SM; fp32's ieee products would spill under the cap and keep the compiler's choice."""
+    options = {"num_warps": 8, "num_stages": 3}
+    if x.dtype != torch.float32:
+        options["maxnreg"] = FORWARD_MAX_REGISTERS
+    return options
+
+
 def programs_wanted(device: torch.device) -> int:
     """Programs that fill ``device``: a few per streaming multiprocessor (a fixed small number
     under the interpreter, which has no SMs but must still take the split path)."""
@@ -468,7 +483,7 @@ def launch_gram(x: torch.Tensor, target: torch.Tensor | None = None, loss_scale:
         layer.x, layer.target, layer.out, scratch[workspace_at:], counters, loss, layer.channels,
         layer.positions, *layer.strides, *layer.target_strides, layer.tiles, layer.chunk, layer.n_split,
         layer.loss_scale, BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, STYLE=layer.style, SPLIT=layer.n_split > 1,
-        DOT=dot_precision(layer.x), num_warps=8, num_stages=3)
+        DOT=dot_precision(layer.x), **_forward_options(layer.x))
     return layer.out, (loss if layer.style else None)
 
 
@@ -495,7 +510,7 @@ def launch_grouped_style_losses(xs: list[torch.Tensor], targets: list[torch.Tens
         each(lambda layer: layer.target_strides[1]), each(lambda layer: layer.target_strides[2]),
         each(lambda layer: layer.tiles), each(lambda layer: layer.chunk), each(lambda layer: layer.loss_scale),
         LAYERS=len(layers), SPLITS=each(lambda layer: layer.n_split > 1),
-        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, DOT=dot_precision(layers[0].x), num_warps=8, num_stages=3)
+        BLOCK_C=BLOCK_C, BLOCK_K=BLOCK_K, DOT=dot_precision(layers[0].x), **_forward_options(layers[0].x))
     return [layer.out for layer in layers], scratch[:batch * len(layers)].view(len(layers), batch)
 
 
