@@ -23,12 +23,20 @@ repeats are bit-identical to the first is reported).  A race in the arrival-coun
 partial tile, orders of magnitude more.  Cases run in order of value (bf16 channels_last first,
 the fast path's), each written to the JSON as it finishes.
 
+Before the checks, the kernels are compiled into Triton's cache by ``cross_compile.py`` in one
+process per dtype and layout, side by side (``precompile``): the checks then load them instead of
+compiling about 50 kernels one after another in this process (~1-2 s each).  A precompile that
+fails or runs out of its time leaves the checks to compile what is missing, as before.
+
     PYTHONPATH=. python3 benchmarks/check_kernels.py [--json PATH] [--dry-run]
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
 from stage_util import Results, device_for, figures, first_line, relative_error, run_stage, stage_parser
@@ -61,6 +69,33 @@ def value_tolerance(dtype_name: str, positions_per_program: int, growth: int = 1
         return VALUE_TOLERANCE  # CUDA cores, round-to-nearest
     steps = -(-positions_per_program // TENSOR_CORE_K)
     return VALUE_TOLERANCE + growth * steps * TRUNCATION
+
+
+PRECOMPILE_SECONDS = 45
+
+
+def precompile(sizes: list[int], dtype_names: list[str], layouts, sms: int) -> dict:
+    """Fill Triton's cache with the kernels the checks launch, one cross_compile.py per dtype and
+    layout in parallel.  Returns what it did, for the JSON."""
+    script = Path(__file__).with_name("cross_compile.py")
+    started = time.perf_counter()
+    common = [sys.executable, str(script), "--mode", "split", "--sms", str(sms), *(f"--size={s}" for s in sizes)]
+    jobs = [subprocess.Popen([*common, "--dtype", dtype_name, "--layout", layout], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+            for dtype_name in dtype_names for layout in layouts]
+    finished, summaries = 0, []
+    for job in jobs:
+        try:
+            output, _ = job.communicate(timeout=max(1.0, PRECOMPILE_SECONDS - (time.perf_counter() - started)))
+            finished += job.returncode == 0
+            summaries.append(output.strip().splitlines()[-1] if output.strip() else f"exit {job.returncode}")
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.communicate()
+            summaries.append("stopped at the precompile's time limit")
+    return dict(kind="precompile", processes=len(jobs), finished=finished,
+                seconds=round(time.perf_counter() - started, 1), summaries=summaries,
+                ok=True)  # never the verdict: the checks compile whatever is missing
 
 
 def poison_outputs() -> None:
@@ -230,6 +265,10 @@ def main() -> int:
                       tolerances=dict(value=VALUE_TOLERANCE, grad=GRAD_TOLERANCE, stress_spread=STRESS_SPREAD,
                                       sixteen_bit=f"value + growth * ceil(P / {TENSOR_CORE_K}) * 2^-23, growth 1 "
                                                   f"(Gram), {LOSS_ERROR_GROWTH} (loss); P positions per program"))
+    if not args.dry_run:  # the interpreter compiles nothing
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        results.add(precompile(sizes, dtype_names, layouts, sms))
+        print(results.rows[-1], flush=True)
     stressed = set()
     for dtype_name, layout, size, layer, kind in plan:
         if dtype_name not in stressed and layout != layouts[0]:  # after the first layout of each dtype

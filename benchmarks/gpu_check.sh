@@ -10,7 +10,8 @@
 #   1 kernels   100 s  the compiled kernels at the five style layers and conv4_2 of 512/1024/2048 px,
 #                      bf16/fp32/fp16, channels_last and contiguous, vs float64, NaN-poisoned outputs;
 #                      the grouped style-loss kernels over the five layers; the split reduction 50
-#                      times at 512 splits (about 42 Triton compiles, ~2 s each)
+#                      times at 512 splits (about 50 Triton compiles, ~1-2 s each, made first by
+#                      cross_compile.py in six processes side by side)
 #   2 graph      50 s  CUDA-graph replay vs eager at 512 and 1024 px: one step, 20-step trajectories;
 #                      no host sync inside replays
 #   3 tests      90 s  the GPU-marked, kernel and launch-grid tests (pytest-xdist, per-test limit)
