@@ -40,7 +40,10 @@ def cross_compile(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProce
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
 def test_every_kernel_compiles_for_sm90_within_its_limits(tmp_path, dtype):
-    done, report = cross_compile(tmp_path, "--matrix", "ci", "--dtype", dtype)
+    # fp32 (no spill rule; its products are plain FMAs) at one size, to keep the suite short:
+    # `cross_compile.py --matrix ci` compiles it at both, as docs/compiled-kernels.md shows.
+    sizes = ["--size", "512"] if dtype == "fp32" else []
+    done, report = cross_compile(tmp_path, "--matrix", "ci", "--dtype", dtype, *sizes)
     assert done.returncode == 0 and not report["failures"], "\n".join(report["failures"]) + done.stderr[-2000:]
     kernels = report["kernels"]
     assert {k["kernel"] for k in kernels} == KERNELS
