@@ -287,28 +287,38 @@ def markdown_table(recorder: Recorder) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown_page(recorder: Recorder, args: argparse.Namespace, cases_compiled: int, failures: list[str]) -> str:
-    """docs/compiled-kernels.md: how the table was made, the limits, the table."""
+SECTION = "\n## Triton "
+
+
+def markdown_page(recorder: Recorder, args: argparse.Namespace, cases_compiled: int, failures: list[str],
+                  previous: str = "") -> str:
+    """docs/compiled-kernels.md: how the tables are made and the limits, then one section per Triton
+    version: this one's replaces its old section, the others' (from ``previous``) are kept, so the
+    page holds CI's Triton and the GPU machine's side by side."""
     command = " ".join(["python benchmarks/cross_compile.py", f"--matrix {args.matrix}",
                         *(f"--dtype {d}" for d in args.dtype or ()), "--markdown docs/compiled-kernels.md"])
-    return f"""# The Triton kernels, compiled for sm_{args.arch}
+    intro = f"""# The Triton kernels, compiled for sm_{args.arch}
 
-Every kernel specialization a run launches, cross-compiled on a CPU for sm_{args.arch} (H100/H200)
-with Triton {triton.__version__} (torch {torch.__version__}), the launchers splitting work for
-{args.sms} SMs; {cases_compiled} launch sites (paths x sizes x dtypes x layouts, split and deterministic) of
-the `{args.matrix}` matrix, {len(recorder.compiled)} distinct compiled kernels, {len(failures)} failures.
-Made by `{command}`; `tests/test_cross_compile.py` runs the same matrix in CI and fails on a compile
-error, more than {MAX_SHARED_BYTES:,} B of shared memory, registers x threads over {MAX_REGISTERS_PER_SM:,},
-or a spill on a 16-bit path (bf16, the GPU default, and `--precision fp16`).
+Every kernel specialization a run launches, cross-compiled on a CPU for sm_{args.arch} (H100/H200),
+the launchers splitting work for {args.sms} SMs: `{command}`, once per Triton version (the
+section of the version it runs with is replaced, the others kept).  `tests/test_cross_compile.py`
+compiles the same matrix in CI and fails on a compile error, more than {MAX_SHARED_BYTES:,} B of
+shared memory, registers x threads over {MAX_REGISTERS_PER_SM:,}, or a spill on a 16-bit path
+(bf16, the GPU default, and `--precision fp16`).
 
 Columns: *variants* are the specializations compiled (layer, layout, divisibility of sizes and
 strides by 16, split or not, batch 1); *registers* per thread and *spill stack* (the stack frame
 ptxas gives spilled registers; these kernels have no local arrays) from `cuobjdump -res-usage`;
 *shared* is Triton's dynamic shared memory per block; *blocks/SM* is how many blocks one SM holds
 by registers, shared memory and threads (at most {MAX_BLOCKS_PER_SM}).  fp32's ieee products run
-on the CUDA cores and may spill a few bytes; that is reported, not refused.
-
-{markdown_table(recorder)}"""
+on the CUDA cores, uncapped, and may spill a few bytes; that is reported, not refused.
+"""
+    this = (f"{triton.__version__} (torch {torch.__version__})\n\n{cases_compiled} launch sites of the "
+            f"`{args.matrix}` matrix, {len(recorder.compiled)} distinct kernels, {len(failures)} failures.\n\n"
+            f"{markdown_table(recorder)}")
+    sections = {part.split(" ", 1)[0]: part for part in previous.split(SECTION)[1:]}
+    sections[triton.__version__] = this
+    return intro + "".join(SECTION + sections[version] for version in sorted(sections, reverse=True))
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -357,7 +367,8 @@ def main(argv=None) -> int:
                     "kernels": [{**asdict(c), "dtypes": sorted(c.dtypes)} for c in recorder.compiled.values()]}
         args.json.write_text(json.dumps(document, indent=1) + "\n")
     if args.markdown:
-        args.markdown.write_text(markdown_page(recorder, args, len(selected), failures))
+        previous = args.markdown.read_text() if args.markdown.exists() else ""
+        args.markdown.write_text(markdown_page(recorder, args, len(selected), failures, previous))
     return 1 if failures else 0
 
 

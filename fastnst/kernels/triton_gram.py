@@ -92,13 +92,15 @@ def _gram_epilogue(g, target_ptr, out_ptr, loss_ptr, b, i, j, C, stride_tb, stri
     mirror_off = cols[None, :] * C + rows[:, None]  # G[col, row], same tile positions
     if STYLE:
         t_base = target_ptr + b.to(tl.int64) * stride_tb
+        # The direct half, then the mirrored one: one target tile and one difference tile live at a time.
         a = tl.load(t_base + rows[:, None] * stride_tc + cols[None, :] * stride_tr, mask=direct, other=0.0)
-        a_mirror = tl.load(t_base + cols[None, :] * stride_tc + rows[:, None] * stride_tr, mask=mirror, other=0.0)
         d = tl.where(direct, g - a, 0.0)
-        d_mirror = tl.where(mirror, g - a_mirror, 0.0)
         tl.store(out_base + direct_off, d, mask=direct)
-        tl.store(out_base + mirror_off, d_mirror, mask=mirror)
-        partial = tl.sum(tl.sum(d * d + d_mirror * d_mirror, axis=1), axis=0)
+        partial = tl.sum(tl.sum(d * d, axis=1), axis=0)
+        a = tl.load(t_base + cols[None, :] * stride_tc + rows[:, None] * stride_tr, mask=mirror, other=0.0)
+        d = tl.where(mirror, g - a, 0.0)
+        tl.store(out_base + mirror_off, d, mask=mirror)
+        partial += tl.sum(tl.sum(d * d, axis=1), axis=0)
         tl.atomic_add(loss_ptr + b, partial * loss_scale)
     else:
         tl.store(out_base + direct_off, g, mask=direct)
@@ -350,8 +352,9 @@ def dot_precision(x: torch.Tensor, backward: bool = False) -> str:
 def _forward_options(x: torch.Tensor) -> dict:
     """Launch options of the forward Gram kernels.  8 warps: each thread holds half of every 64x64
     tile that 4 warps held (206-255 registers there).  16-bit features are capped at 128 registers,
-    which they fit without a spill (cross-compiled for sm_90: 56-126), so two blocks of 256 threads
-    share an SM; fp32's ieee products would spill under the cap and keep the compiler's choice."""
+    which they fit without a spill (cross-compiled for sm_90: at most 126 with Triton 3.6, 116 with
+    3.8; docs/compiled-kernels.md), so two blocks of 256 threads share an SM; fp32's ieee products
+    would spill under the cap and keep the compiler's choice."""
     options = {"num_warps": 8, "num_stages": 3}
     if x.dtype != torch.float32:
         options["maxnreg"] = FORWARD_MAX_REGISTERS
