@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .version import __version__
 from .config import NOT_IN_COMMAND, BatchConfig, BenchConfig, StyleConfig, VideoConfig, flag_name, single_scale
-from .errors import ConfigError, FastNSTError, NonFiniteLossError, RunError, UsageError
+from .errors import CLI_CALLER, ConfigError, FastNSTError, NonFiniteLossError, RunError, UsageError
 
 EXIT_INTERRUPTED = 130
 
@@ -89,6 +89,8 @@ def add_config_flags(parser: argparse.ArgumentParser, defaults, skip: tuple[str,
         # SUPPRESS: only flags the user gives reach the namespace, so presets can fill the rest
         # (config_from_args); the help text shows the dataclass default.
         kwargs: dict = dict(dest=f.name, default=argparse.SUPPRESS, help=_help(f, default))
+        if meta.get("required"):
+            kwargs["required"] = True
         if isinstance(default, bool):
             kwargs["action"] = "store_false" if f.default is True else "store_true"
         else:
@@ -118,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     stylize = commands.add_parser(
-        "stylize", help="render a content image in the style of one or more style images",
+        "stylize", aliases=["stylise"], help="render a content image in the style of one or more style images",
         description="Optimise an image so its VGG19 features match CONTENT's and its Gram matrices "
                     "match the STYLE images' (blended when there are several).")
     _add_positionals(stylize, "content", "CONTENT", "content image (any format Pillow reads)", "OUT",
@@ -593,6 +595,7 @@ def _say(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    caller = CLI_CALLER.set(True)  # the library's messages keep their --flags for the CLI
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)
@@ -608,3 +611,5 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"internal error: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
              " (set FASTNST_DEBUG=1 for the traceback)")
         return 1
+    finally:
+        CLI_CALLER.reset(caller)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -152,14 +153,16 @@ def preset_values(name: str | None, chosen: set[str]) -> dict[str, Any]:
 
 def option(default: Any, help: str, *, metavar: str | None = None, choices: tuple | None = None,
            minimum: float | None = None, maximum: float | None = None, above: float | None = None,
-           many: bool = False) -> Any:
+           many: bool = False, required: bool = False) -> Any:
     """A config field with what the CLI and the validator need to know about it.
 
     minimum/maximum are inclusive bounds, ``above`` an exclusive lower bound; ``many`` marks a
-    tuple option given as several values after one flag.
+    tuple option given as several values after one flag; ``required``, a flag the command needs.
+    The help of a switch that is on by default describes its --no- flag, which is what --help
+    lists.
     """
     meta = dict(help=help, metavar=metavar, choices=choices, minimum=minimum, maximum=maximum,
-                above=above, many=many)
+                above=above, many=many, required=required)
     return field(default=default, metadata=meta)
 
 
@@ -296,8 +299,8 @@ class RuntimeOptions:
                             choices=PRECISIONS)
     backend: str | None = option(None, "kernel backend: auto (Triton on CUDA, PyTorch elsewhere), torch "
                                  "or triton (default: $FASTNST_BACKEND, else auto)", choices=BACKENDS)
-    cuda_graph: bool = option(True, "on CUDA, replay each iteration as one captured CUDA graph "
-                              "(--no-cuda-graph runs the same step eagerly)")
+    cuda_graph: bool = option(True, "run each iteration eagerly, op by op, instead of replaying it as one "
+                              "captured CUDA graph (the default on CUDA)")
     tile: str | None = option(None, "evaluate the objective tile by tile with exact results: interior size "
                               "in px (a multiple of 16) or auto (the largest tile that fits free memory; "
                               "untiled if the whole image fits)", metavar="SIZE|auto")
@@ -469,6 +472,28 @@ def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+# A flag in a message, and whether a metavar follows it (--weights PATH|random, --out DIR).
+_FLAG_IN_TEXT = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?P<value> (?=[A-Z]{2,}|[A-Za-z0-9_.]+\|))?")
+
+
+def in_api_terms(message: str) -> str:
+    """``message`` as the Python API says it: each option flag becomes the argument it stands for
+    (``--style-weight`` -> ``style_weight``, ``--no-cuda-graph`` -> ``cuda_graph=False``, ``--weights
+    PATH|random`` -> ``weights=PATH|random``); other text, and flags that are no option, stay."""
+    fields = {f.name: f for config in (StyleConfig, BatchConfig, VideoConfig, BenchConfig)
+              for f in dataclasses.fields(config)}
+
+    def argument(match: re.Match) -> str:
+        name = match.group(1).replace("-", "_")
+        if name.startswith("no_") and name[3:] in fields and fields[name[3:]].default is True:
+            return f"{name[3:]}=False" + (" " if match.group("value") else "")
+        if name not in fields:
+            return match.group(0)
+        return f"{name}=" if match.group("value") else name
+
+    return _FLAG_IN_TEXT.sub(argument, message)
+
+
 def _check_count(flag: str, values: tuple | None, expected: int, what: str) -> None:
     if values is not None and len(values) != expected:
         raise ConfigError(f"{flag} needs one value per {what[:-1]} ({expected}), got {len(values)}")
@@ -525,8 +550,8 @@ class BenchConfig:
     ablate: bool = option(False, "also time the fast path with each speed feature switched off in turn "
                           "(fp32 instead of bf16, eager instead of CUDA graph, torch kernels instead of "
                           "Triton)")
-    reference: bool = option(True, "time the textbook reference (fastnst/reference_gatys.py); "
-                             "--no-reference skips it")
+    reference: bool = option(True, "do not time the textbook reference (fastnst/reference_gatys.py), "
+                             "which is timed by default")
     modes: tuple[str, ...] | None = option(
         None, "exactly these modes, in this order, instead of fast [+ --ablate] [+ reference]: fast; fp32, "
         "eager, torch (the fast path with one speed feature off); plain (all three off: fp32, eager, PyTorch "
@@ -627,7 +652,7 @@ class BatchConfig:
                               "or [...], optional \"name\" and any stylize option, e.g. \"size\", \"seed\"}",
                               metavar="FILE")
     out: str | None = option(None, "output folder (created if missing); also holds manifest.jsonl",
-                             metavar="DIR")
+                             metavar="DIR", required=True)
     variations: int = option(1, "noise-initialised variants of each job, with seeds seed, seed+1, ...",
                              metavar="K", minimum=1, maximum=10_000)
     name: str | None = option(None, "output name template with {content} {style} {variation} {seed} {size} "

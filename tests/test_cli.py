@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import subprocess
@@ -248,3 +249,43 @@ def test_save_every_images_of_an_earlier_run_are_removed(tmp_path, content_path,
     assert main(["stylize", *common, "--iterations", "2", "--save-every", "1", "--init", str(tmp_path / "out_3.png"),
                  "--quiet"]) == 0
     assert sorted(os.listdir(tmp_path)) == ["out.png", "out_1.png", "out_2.png", "out_3.png", "out_notes.png"]
+
+
+def _help_of(command: str, flag: str) -> str:
+    """The --help text of one flag of a command, as argparse holds it."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return " ".join(next(a.help for a in sub._actions if flag in a.option_strings).split())
+
+
+def test_a_no_flag_s_help_says_what_the_flag_does():
+    """--no-cuda-graph and --no-reference were described by what the default does (replaying a
+    graph, timing the reference): the opposite of the flag the line stands beside."""
+    assert _help_of("stylize", "--no-cuda-graph").startswith("run each iteration eagerly")
+    assert _help_of("bench", "--no-reference").startswith("do not time the textbook reference")
+    for command in ("stylize", "batch", "video", "bench"):
+        parser = build_parser()
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+        for action in sub._actions:
+            if any(o.startswith("--no-") for o in action.option_strings):
+                text = action.help.lower()
+                assert not text.startswith(("replay", "time ", "use ", "keep")), (command, action.option_strings)
+
+
+def test_batch_usage_shows_out_as_required(capsys, tmp_path, style_path):
+    """--out DIR is required; the usage line used to show it in brackets, as if optional."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["batch"]
+    usage = " ".join(sub.format_usage().split())
+    assert " --out DIR " in usage and "[--out DIR]" not in usage
+    assert main(["batch", "--content", str(style_path), "--style", str(style_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "required: --out" in err
+
+
+def test_stylise_is_stylize(tmp_path, content_path, style_path):
+    """The British spelling runs the same command (the README used it)."""
+    out = tmp_path / "out.png"
+    assert main(["stylise", str(content_path), str(style_path), "-o", str(out), "--weights", "random",
+                 "--size", "32", "--iterations", "2", "--device", "cpu", "--quiet"]) == 0
+    assert Image.open(out).size[0] == 32 or Image.open(out).size[1] == 32
