@@ -79,7 +79,6 @@ def optimise(step: Step, image: torch.Tensor, iterations: int, hooks: Hooks,
                 candidate.copy_(output())  # the losses about to be read are this image's
             values = step(image)
             done = i
-            bar.update(1)
             if read:
                 sample_losses = values.tolist()
                 loss_value = math.fsum(sample_losses)
@@ -94,6 +93,7 @@ def optimise(step: Step, image: torch.Tensor, iterations: int, hooks: Hooks,
                 bar.set_postfix(loss=f"{loss_value:.4g}", refresh=False)
                 if hooks.on_loss is not None:
                     hooks.on_loss(i, loss_value)
+            bar.update(1)  # after the postfix: the bar drawn at i shows iteration i's loss, not i - 1's
             if hooks.checkpoint is not None and hooks.checkpoint_every and i % hooks.checkpoint_every == 0:
                 hooks.checkpoint(i, _readout(output(), last_good))
     seconds = time.perf_counter() - started

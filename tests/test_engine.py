@@ -104,3 +104,35 @@ def test_an_image_file_as_the_start(tmp_path):
     torch.testing.assert_close(grey, initial_image("style", content, luminance_image(image_to_tensor(
         Image.open(path))), seed=0))
     assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+
+
+def test_the_progress_bar_shows_each_iteration_s_own_loss(monkeypatch):
+    """At 10/10 the bar showed iteration 9's loss (the postfix was set after the bar redrew) while
+    the summary printed the last one.  Each redraw now carries its own iteration's loss."""
+    from fastnst import loop
+
+    drawn = []
+
+    class Bar:
+        def __init__(self, *args, **kwargs):
+            self.n, self.postfix = 0, None
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def set_postfix(self, refresh=True, **values):
+            self.postfix = values["loss"]
+
+        def update(self, count):
+            self.n += count
+            drawn.append((self.n, self.postfix))
+
+    monkeypatch.setattr(loop, "tqdm", Bar)
+    image = torch.zeros(1, requires_grad=True)
+    losses = iter(float(10 - i) for i in range(10))
+    result = loop.optimise(lambda img: torch.tensor([next(losses)]), image, 10, loop.Hooks())
+    assert drawn[-1] == (10, f"{result.loss:.4g}") and result.loss == 1.0
+    assert [postfix for _, postfix in drawn] == [f"{10 - i:.4g}" for i in range(10)]
