@@ -244,7 +244,9 @@ class Adam:
         self.lr, self.betas, self.eps, self.bounds = float(lr), betas, float(eps), bounds
         self.exp_avg = torch.zeros_like(image, dtype=state_dtype(image))
         self.exp_avg_sq = torch.zeros_like(image, dtype=state_dtype(image))
-        self.steps = torch.zeros((), device=image.device, dtype=state_dtype(image))
+        # The step count, and the bias corrections formed from it, in float64 as torch.optim.Adam's
+        # Python floats are: in float32, 1 - 0.999**t is off by up to 1e-5 relative, and so is the step.
+        self.steps = torch.zeros((), device=image.device, dtype=torch.float64)
 
     @property
     def state_bytes(self) -> int:
@@ -271,11 +273,13 @@ class Adam:
             self.steps.add_(ok.to(self.steps.dtype))
             self.exp_avg.copy_(torch.where(ok, torch.lerp(self.exp_avg, g, 1 - beta1), self.exp_avg))
             self.exp_avg_sq.copy_(torch.where(ok, self.exp_avg_sq * beta2 + g * g * (1 - beta2), self.exp_avg_sq))
-        # Before the first good step the bias corrections are 0; clamping keeps 0/0 out.
+        # Before the first good step the bias corrections are 0; clamping keeps 0/0 out.  Both scalars
+        # are rounded to the moments' dtype once, as torch's are when they meet its tensors.
         correction1 = (1 - beta1**self.steps).clamp_(min=1e-30)
         correction2 = (1 - beta2**self.steps).clamp_(min=1e-30)
-        denom = (self.exp_avg_sq.sqrt() / correction2.sqrt()).add_(self.eps)
-        change = self.exp_avg / denom * (self.lr / correction1)
+        step_size = (self.lr / correction1).to(self.exp_avg.dtype)
+        denom = (self.exp_avg_sq.sqrt() / correction2.sqrt().to(self.exp_avg.dtype)).add_(self.eps)
+        change = self.exp_avg * step_size / denom  # in the order torch's addcdiv_ forms it
         if ok is not None:
             change = torch.where(ok, change, 0.0)
         image.sub_(change.to(image.dtype))
