@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from . import color
-from .config import INITS, StyleConfig
+from .config import INITS, StyleConfig, in_api_terms
 from .devices import resolve_device
-from .errors import ConfigError, NonFiniteLossError, RunError
+from .errors import CLI_CALLER, ConfigError, FastNSTError, NonFiniteLossError, RunError
 from .files import check_writable
 from .images import image_to_tensor, load_image, resized, tensor_to_image
 from .loop import Hooks, RunResult
@@ -60,6 +60,23 @@ class _Scale:
     hooks: Hooks
 
 
+def _in_api_terms(function):
+    """``function``'s FastNSTErrors name its own arguments (config.in_api_terms), not CLI flags,
+    unless the CLI is the caller; the error keeps its type and attributes."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FastNSTError as exc:
+            if not CLI_CALLER.get() and exc.args and isinstance(exc.args[0], str):
+                exc.args = (in_api_terms(exc.args[0]), *exc.args[1:])
+            raise
+
+    return wrapper
+
+
+@_in_api_terms
 def render(content, styles, config: StyleConfig | None = None, *,
            checkpoint: Callable[[int, torch.Tensor], None] | None = None,
            should_stop: Callable[[], bool] = lambda: False,
@@ -278,6 +295,7 @@ def _regions_at(masks, content_image: Image.Image, style_images, device):
     return regions, style_regions
 
 
+@_in_api_terms
 def stylize(content, styles, config: StyleConfig | None = None, **overrides) -> Image.Image:
     """Stylise ``content`` (path, PIL image or tensor) with one or several ``styles``; a PIL image.
 

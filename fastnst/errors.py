@@ -7,6 +7,13 @@ and an exit status.  ``exit_code`` follows the CLI's convention: 2 for bad argum
 
 from __future__ import annotations
 
+import contextvars
+
+# Messages name options as the CLI spells them (--style-weight).  The Python API's functions rewrite
+# them into their own argument names (style_weight; config.in_api_terms) on the way out, unless the
+# CLI, which sets this while it runs a command, is the caller.
+CLI_CALLER: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnst_cli_caller", default=False)
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its class name when it has none), for one-line

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import fastnst
+from fastnst.cli import main
 from fastnst.errors import ConfigError, FastNSTError, ImageError
 
 
@@ -41,3 +42,28 @@ def test_errors_are_typed(content_path, style_path, tmp_path):
         fastnst.stylize(content_path, [], weights="random")
     with pytest.raises(FastNSTError):
         fastnst.stylize(content_path, torch.zeros(2, 2), weights="random", size=32)
+
+
+def test_api_errors_name_the_api_s_arguments_and_the_cli_its_flags(content_path, style_path, private_torch_home,
+                                                                 capsys, tmp_path):
+    """The library's messages said `use --weights PATH|random` to Python callers too; the API now
+    names its own arguments and the CLI keeps its flags."""
+    from torchvision.models import VGG19_Weights
+
+    from fastnst.config import in_api_terms
+    from fastnst.errors import WeightsError
+    from fastnst.vgg import hub_cache_path
+
+    with pytest.raises(ConfigError) as caught:
+        fastnst.stylize(content_path, style_path, size=1, weights="random", device="cpu")
+    assert "--" not in str(caught.value) and "size" in str(caught.value)
+    cache = hub_cache_path(VGG19_Weights.IMAGENET1K_V1)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match=r"use weights=PATH\|random"):
+        fastnst.stylize(content_path, style_path, size=32, device="cpu", quiet=True)
+    assert main(["stylize", str(content_path), str(style_path), "-o", str(tmp_path / "o.png"), "--size", "32",
+                 "--device", "cpu", "--quiet"]) == 2
+    assert "use --weights PATH|random" in capsys.readouterr().err
+    assert in_api_terms("--no-cuda-graph with --tile SIZE, and --lr") == "cuda_graph=False with tile=SIZE, and lr"
+    assert in_api_terms("see 'fastnst --help'") == "see 'fastnst --help'"  # not an option: kept
