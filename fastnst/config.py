@@ -11,7 +11,7 @@ Loss weights follow the paper's formulas (DESIGN.md):
 with L_c = 1/2 sum (F - P)^2 and E_l = sum (G - A)^2 / (4 N_l^2 M_l^2).  The defaults reproduce the
 official PyTorch neural-style tutorial's objective exactly (style weight 1e6, content weight 1,
 losses as mean squared errors of features and of Grams divided by N*M); its normalisations fold
-into the per-layer weights: v_c = 2 / (N_c M_c) and w_l = 4 / N_l^2 (see the README).
+into the per-layer weights: v_c = 2 / (N_c M_c) and w_l = 4 / N_l^2 (see docs/objective.md).
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ the image into [0, 1], as the tutorial's does.  No fused kernels, no mixed preci
 
 It computes fastnst's default objective: the tutorial's losses (MSE of features; MSE of Grams
 divided by N*M) with its weights (style 1e6, content 1) on fastnst's layers and VGG weights, which
-is exactly what the default StyleConfig means (README, "The objective").  ``fastnst bench`` times
+is exactly what the default StyleConfig means (docs/objective.md).  ``fastnst bench`` times
 it next to the fast path; ``benchmarks/reference_gatys.py`` runs it on its own.
 """
 

@@ -99,7 +99,7 @@ def test_default_weights_reproduce_the_pytorch_tutorial_objective():
     assert config.content_weight is None and config.style_weight is None  # the format's defaults:
     assert (objective.alpha, objective.beta) == default_loss_weights("gram", "torchvision") == (1.0, 1e6)
     torch.testing.assert_close(ours, tutorial, rtol=1e-5, atol=0)
-    # The folded per-layer weights, as the README states them.
+    # The folded per-layer weights, as docs/objective.md states them.
     assert objective.style_layer_weights == tuple(4.0 / c**2 for c in (64, 128, 256, 512, 512))
     assert objective.content_layer_weights == (2.0 / (512 * 8 * 10),)
 

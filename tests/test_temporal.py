@@ -56,7 +56,7 @@ def test_the_caffe_default_is_ruders_temporal_weight_on_0_to_255_images():
     ("meancov", "caffe", 6.5e7 * 0.015 / 5)])
 def test_other_formats_default_temporal_weights_are_the_documented_ones(style_loss, weights_format, documented):
     """The caffe value carried to the other formats as config.py derives it (k^2 = alpha_caffe beta /
-    (beta_caffe alpha), gamma / (alpha k^2) kept): the values --help and the README give."""
+    (beta_caffe alpha), gamma / (alpha k^2) kept): the values --help and docs/video.md give."""
     caffe_alpha, caffe_beta = DEFAULT_LOSS_WEIGHTS[("gram", "caffe")]
     alpha, beta = DEFAULT_LOSS_WEIGHTS[("gram", weights_format)]
     k2 = caffe_alpha * beta / (caffe_beta * alpha)
