@@ -112,9 +112,9 @@ def test_each_half_moves_toward_its_own_style(content_path, style_path, second_s
 
 def test_masks_are_checked(content_path, style_path, small_config, tmp_path):
     white = _mask(tmp_path / "white.png", None)
-    with pytest.raises(Exception, match="--content-mask needs one value per style image"):
+    with pytest.raises(Exception, match="content_mask needs one value per style image"):  # the API names its argument
         render(content_path, style_path, small_config, content_mask=[str(white), str(white)])
-    with pytest.raises(Exception, match="cannot be combined with --tile"):
+    with pytest.raises(Exception, match="cannot be combined with tile"):
         render(content_path, style_path, small_config, content_mask=[str(white)], tile=32)
 
 

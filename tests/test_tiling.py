@@ -108,7 +108,7 @@ def test_out_of_memory_with_tiles_is_a_clear_error(content_path, style_path, sma
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TB")
 
     monkeypatch.setattr(api, "build_run", always_out_of_memory)
-    with pytest.raises(api.RunError, match="out of memory .* with 32 px tiles; use a smaller --tile"):
+    with pytest.raises(api.RunError, match="out of memory .* with 32 px tiles; use a smaller tile"):
         render(content_path, style_path, small_config, tile=32, iterations=2)
 
 
