@@ -473,23 +473,28 @@ def flag_name(name: str) -> str:
 
 
 # A flag in a message, and whether a metavar follows it (--weights PATH|random, --out DIR).
-_FLAG_IN_TEXT = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?P<value> (?=[A-Z]{2,}|[A-Za-z0-9_.]+\|))?")
+_FLAG_IN_TEXT = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?P<value> (?=[A-Z]{2,}|[A-Za-z0-9_.]+\|))?"
+                           r"(?P<choice> [a-z][a-z0-9-]*\b)?")
 
 
 def in_api_terms(message: str) -> str:
     """``message`` as the Python API says it: each option flag becomes the argument it stands for
     (``--style-weight`` -> ``style_weight``, ``--no-cuda-graph`` -> ``cuda_graph=False``, ``--weights
-    PATH|random`` -> ``weights=PATH|random``); other text, and flags that are no option, stay."""
+    PATH|random`` -> ``weights=PATH|random``, ``--optimizer adam`` -> ``optimizer='adam'``); other
+    text, and flags that are no option, stay."""
     fields = {f.name: f for config in (StyleConfig, BatchConfig, VideoConfig, BenchConfig)
               for f in dataclasses.fields(config)}
 
     def argument(match: re.Match) -> str:
         name = match.group(1).replace("-", "_")
         if name.startswith("no_") and name[3:] in fields and fields[name[3:]].default is True:
-            return f"{name[3:]}=False" + (" " if match.group("value") else "")
+            return f"{name[3:]}=False" + (match.group("value") or "") + (match.group("choice") or "")
         if name not in fields:
             return match.group(0)
-        return f"{name}=" if match.group("value") else name
+        choice = (match.group("choice") or "").strip()
+        if choice and choice in (fields[name].metadata.get("choices") or ()):
+            return f"{name}='{choice}'"
+        return (f"{name}=" if match.group("value") else name) + (match.group("choice") or "")
 
     return _FLAG_IN_TEXT.sub(argument, message)
 

@@ -67,3 +67,4 @@ def test_api_errors_name_the_api_s_arguments_and_the_cli_its_flags(content_path,
     assert "use --weights PATH|random" in capsys.readouterr().err
     assert in_api_terms("--no-cuda-graph with --tile SIZE, and --lr") == "cuda_graph=False with tile=SIZE, and lr"
     assert in_api_terms("see 'fastnst --help'") == "see 'fastnst --help'"  # not an option: kept
+    assert in_api_terms("use --optimizer adam, or a smaller --size") == "use optimizer='adam', or a smaller size"
