@@ -44,10 +44,11 @@ class _Sources:
     styles: list[Image.Image]
     masks: tuple | None  # (content masks or None, style masks or Nones) as grey images
 
-    def at(self, size: int, style_scale: float) -> tuple[Image.Image, list[Image.Image]]:
-        """Content and style images resized for a scale whose longest side is ``size``."""
-        return (resized(self.content, size),
-                [resized(image, max(1, round(size * style_scale))) for image in self.styles])
+    def at(self, size: int, style_scale: float, resample: str) -> tuple[Image.Image, list[Image.Image]]:
+        """Content and style images resized (with the ``resample`` filter) for a scale whose longest
+        side is ``size``."""
+        return (resized(self.content, size, resample),
+                [resized(image, max(1, round(size * style_scale)), resample) for image in self.styles])
 
 
 @dataclass
@@ -108,7 +109,7 @@ def render(content, styles, config: StyleConfig | None = None, *,
     results, tiles_used, previous, done = [], [], None, 0
     sizes = config.scale_sizes()
     for index, size in enumerate(sizes):
-        content_image, style_images = sources.at(size, config.style_scale)
+        content_image, style_images = sources.at(size, config.style_scale, config.resample)
         original = image_to_tensor(content_image)
         label = f"{size} px" + (f" ({index + 1}/{len(sizes)})" if len(sizes) > 1 else "")
 
@@ -156,7 +157,7 @@ def _load(content, styles: list, config: StyleConfig) -> _Sources:
     if config.init not in INITS:
         load_image(config.init)
     for size in config.scale_sizes():
-        content_image, style_images = sources.at(size, config.style_scale)
+        content_image, style_images = sources.at(size, config.style_scale, config.resample)
         check_fits(content_image, layers, f"content image at {size} px")
         for image in style_images:
             check_fits(image, layers, f"style image at {size} px")

@@ -437,10 +437,11 @@ def _load_job(job: Job, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tens
     config = job.config
     if config.content_mask or config.style_mask:
         raise FastNSTError("--content-mask/--style-mask work with stylize, not yet with batch")
-    content = resized(load_image(job.content), config.size)
+    content = resized(load_image(job.content), config.size, config.resample)
     if content.size != size:
         raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
-    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale))) for s in job.styles]
+    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale)), config.resample)
+                    for s in job.styles]
     if config.init not in INITS:
         load_image(config.init)  # an --init image that cannot be read fails this job alone
     layers = feature_layers(config)

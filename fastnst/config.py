@@ -179,6 +179,9 @@ class _Preset:
                                 "init, 200 iterations, L-BFGS history 10", choices=tuple(PRESETS))
 
 
+RESAMPLE_FILTERS = ("lanczos", "bilinear")
+
+
 @dataclass
 class ScheduleOptions:
     """How the image is optimised: sizes and scales, iterations, optimiser, start."""
@@ -277,6 +280,9 @@ class ObjectiveOptions:
         "mean of their Grams", metavar="B", minimum=0.0, maximum=1e30, many=True)
     style_scale: float = option(1.0, "style image size relative to the output size", metavar="S",
                                 above=0.0, maximum=16.0)
+    resample: str = option("lanczos", "filter that scales the content and style images to their sizes: lanczos "
+                           "(sharp) or bilinear (what neural-style-pt uses: for comparisons with it)",
+                           choices=RESAMPLE_FILTERS)
     preserve_color: str = option("none", "colour control: luminance (transfer on luminance only, the content's "
                                  "colours kept exactly), histogram (style colours matched to the content's "
                                  "mean and covariance first) or none", choices=("none", "luminance", "histogram"))

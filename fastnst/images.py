@@ -113,12 +113,16 @@ def fitted_size(size: tuple[int, int], longest_side: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def resized(image: Image.Image, longest_side: int) -> Image.Image:
-    """Scale so the longest side is ``longest_side`` (up or down), keeping the aspect ratio."""
+RESAMPLING = {"lanczos": Image.Resampling.LANCZOS, "bilinear": Image.Resampling.BILINEAR}
+
+
+def resized(image: Image.Image, longest_side: int, resample: str = "lanczos") -> Image.Image:
+    """Scale so the longest side is ``longest_side`` (up or down), keeping the aspect ratio, with
+    the filter ``resample`` names (--resample: lanczos, or bilinear as neural-style-pt)."""
     size = fitted_size(image.size, longest_side)
     if size == image.size:
         return image
-    return image.resize(size, Image.Resampling.LANCZOS)
+    return image.resize(size, RESAMPLING[resample])
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:

@@ -67,7 +67,8 @@ def pixel_options(config: StyleConfig, extra: dict | None = None) -> dict:
 def first_difference(old: dict | None, new: dict) -> str | None:
     """The first thing that differs between two recipes, in words for a one-line message (None: the
     same).  A recipe is {"input": ..., "styles": [...], "init": ..., "options": {...}}, any key
-    optional; a missing option counts as one that differs."""
+    optional.  An option the old recipe lacks counts as at its default, which is what a recipe
+    written before the option existed was rendered with (--resample came after recipes)."""
     if not isinstance(old, dict):
         return "an unreadable record"
     if old.get("input") != new.get("input"):
@@ -76,11 +77,14 @@ def first_difference(old: dict | None, new: dict) -> str | None:
         return "other style images"
     if old.get("init") != new.get("init"):
         return "another --init image"
-    before, after = old.get("options", {}), new.get("options", {})
+    defaults = pixel_options(StyleConfig())
+    before = {**{name: value for name, value in defaults.items() if name in new.get("options", {})},
+              **old.get("options", {})}
+    after = new.get("options", {})
     for name in [*after, *(n for n in before if n not in after)]:
         if before.get(name, "absent") != after.get(name, "absent"):
             shown = ["default" if v is None else v for v in (before.get(name, "absent"), after.get(name, "absent"))]
             return f"{flag_name(name)} {shown[0]} there, {shown[1]} here"
-    if old != new:
+    if {**old, "options": before} != {**new, "options": after}:
         return "another recipe"
     return None

@@ -178,7 +178,8 @@ def _prepare(source, styles: list, output: Path, config: StyleConfig, settings: 
     _check_not_input(clip.path, output, folder)
     layers = feature_layers(config)
     check_fits(fitted_size(clip.size, config.size), layers, "video frame")
-    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale))) for s in styles]
+    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale)), config.resample)
+                    for s in styles]
     for image in style_images:
         check_fits(image, layers, "style image")
     plans = plan_audio(clip, output) if is_video_path(output) else []
@@ -251,14 +252,14 @@ def _render_sequential(clip: Clip, style_images: list, folder: Path, config: Sty
             if should_stop():
                 summary.interrupted = True
                 break
-            content = image_to_tensor(resized(current.image, config.size))
+            content = image_to_tensor(resized(current.image, config.size, config.resample))
             contents[index] = content
             if pending is None:
                 pending = flows.submit(contents, index, content)
             upcoming = next(frames, None)
             next_pending = None
             if upcoming is not None:
-                ahead = image_to_tensor(resized(upcoming.image, config.size))
+                ahead = image_to_tensor(resized(upcoming.image, config.size, config.resample))
                 next_pending = flows.submit({**contents, index + 1: ahead}, index + 1, ahead)
             frame_flows = pending.result()
             if index in done:
@@ -440,7 +441,7 @@ def _content_frames(clip: Clip, folder: Path, config: StyleConfig, save: bool) -
         shown.append(Shown(folder / _frame_name(index), frame.time, frame.duration))
         path = contents_folder / f"{index:06d}.pt"
         if save and not path.exists():
-            _save_content(image_to_tensor(resized(frame.image, config.size)), path)
+            _save_content(image_to_tensor(resized(frame.image, config.size, config.resample)), path)
     return shown
 
 

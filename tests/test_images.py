@@ -171,3 +171,31 @@ def test_unwritable_folder_is_refused_even_for_root(tmp_path, monkeypatch):
     monkeypatch.setattr(files.tempfile, "mkstemp", read_only)
     with pytest.raises(ImageError, match="cannot write to output folder .*Read-only file system"):
         check_output_path(tmp_path / "out.png")
+
+
+def test_resample_chooses_the_filter_that_scales_inputs(content_path, style_path, small_config):
+    """--resample bilinear scales content and styles as neural-style-pt does (PIL's bilinear);
+    lanczos stays the default, and the choice reaches the objective (the loss at iteration 1)."""
+    from fastnst import render
+    from fastnst.images import resized
+
+    photo = load_image(content_path)
+    assert resized(photo, 40, "bilinear").tobytes() == photo.resize(resized(photo, 40).size,
+                                                                     Image.Resampling.BILINEAR).tobytes()
+    assert resized(photo, 40).tobytes() == photo.resize(resized(photo, 40).size, Image.Resampling.LANCZOS).tobytes()
+    losses = {name: render(content_path, style_path, small_config, iterations=1, resample=name).losses[0][1]
+              for name in ("lanczos", "bilinear")}
+    assert losses["lanczos"] != losses["bilinear"]
+
+
+def test_a_recipe_from_before_an_option_existed_counts_it_at_its_default():
+    """Recipes written before --resample lack it: rendered with Lanczos, the default, so a rerun
+    with the default is the same work and one with bilinear is not."""
+    from fastnst import StyleConfig
+    from fastnst.recipe import first_difference, pixel_options
+
+    new = {"options": pixel_options(StyleConfig())}
+    old = {"options": {k: v for k, v in new["options"].items() if k != "resample"}}
+    assert first_difference(old, new) is None
+    bilinear = {"options": pixel_options(StyleConfig(resample="bilinear"))}
+    assert first_difference(old, bilinear) == "--resample lanczos there, bilinear here"
