@@ -230,7 +230,8 @@ def launch(case: Case) -> None:
     if case.path == "grouped":
         losses = triton_style_loss.GroupedStyleLosses.apply(len(xs), False, *xs, *map(target_gram, xs))
         torch.autograd.grad(losses.sum(), xs)
-    for x in xs if case.path != "grouped" else ():
+        return
+    for x in xs:
         out = (triton_style_loss.style_loss(x, target_gram(x)) if case.path == "per-layer"
                else triton_gram.gram(x).sum())
         torch.autograd.grad(out, x)

@@ -23,7 +23,7 @@ from .config import INITS, StyleConfig, in_api_terms
 from .devices import resolve_device
 from .errors import CLI_CALLER, ConfigError, FastNSTError, NonFiniteLossError, RunError
 from .files import check_writable
-from .images import image_to_tensor, load_image, resized, tensor_to_image
+from .images import image_to_tensor, load_image, resized, resized_style, tensor_to_image
 from .loop import Hooks, RunResult
 from .measure import ALIGN, MemoryModel, auto_tile, free_bytes, is_out_of_memory, peak_bytes, release, reset_peak
 from .objective import check_fits, feature_layers
@@ -48,7 +48,7 @@ class _Sources:
         """Content and style images resized (with the ``resample`` filter) for a scale whose longest
         side is ``size``."""
         return (resized(self.content, size, resample),
-                [resized(image, max(1, round(size * style_scale)), resample) for image in self.styles])
+                [resized_style(image, size, style_scale, resample) for image in self.styles])
 
 
 @dataclass

@@ -31,7 +31,7 @@ from . import color
 from .config import INITS, NOT_IN_COMMAND, BatchConfig, StyleConfig, single_scale
 from .errors import ConfigError, FastNSTError, first_line
 from .images import (SAVE_FORMATS, displayed_size, fitted_size, image_to_tensor, load_image, read_metadata, resized,
-                     save_image)
+                     resized_style, save_image)
 from .loop import Hooks
 from .measure import SAFETY, free_bytes, model_flops, peak_tflops
 from .objective import check_fits, feature_layers
@@ -440,7 +440,7 @@ def _load_job(job: Job, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tens
     content = resized(load_image(job.content), config.size, config.resample)
     if content.size != size:
         raise FastNSTError(f"'{job.content}' decodes to another size than its header says")
-    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale)), config.resample)
+    style_images = [resized_style(load_image(s), config.size, config.style_scale, config.resample)
                     for s in job.styles]
     if config.init not in INITS:
         load_image(config.init)  # an --init image that cannot be read fails this job alone

@@ -125,6 +125,12 @@ def resized(image: Image.Image, longest_side: int, resample: str = "lanczos") ->
     return image.resize(size, RESAMPLING[resample])
 
 
+def resized_style(image: Image.Image, size: int, style_scale: float, resample: str = "lanczos") -> Image.Image:
+    """A style image for an output whose longest side is ``size``: its own longest side is
+    ``style_scale`` times that (--style-scale), scaled with ``resample``."""
+    return resized(image, max(1, round(size * style_scale)), resample)
+
+
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
     array = np.asarray(image, dtype=np.uint8)
     # copy(): Pillow's buffer is read-only; contiguous(): plain NCHW memory, not HWC seen through permute.

@@ -39,7 +39,7 @@ from .config import INITS, StyleConfig, VideoConfig, default_temporal_weight
 from .encoder import VIDEO_CODECS, Shown, audio_track_path, encode, plan_audio, write_audio_track
 from .errors import ConfigError, FastNSTError
 from .files import atomic_write
-from .images import fitted_size, image_to_tensor, load_image, resized, save_image
+from .images import fitted_size, image_to_tensor, load_image, resized, resized_style, save_image
 from .loop import Hooks
 from .measure import auto_tile, free_bytes
 from .objective import TemporalTarget, check_fits, feature_layers
@@ -178,7 +178,7 @@ def _prepare(source, styles: list, output: Path, config: StyleConfig, settings: 
     _check_not_input(clip.path, output, folder)
     layers = feature_layers(config)
     check_fits(fitted_size(clip.size, config.size), layers, "video frame")
-    style_images = [resized(load_image(s), max(1, round(config.size * config.style_scale)), config.resample)
+    style_images = [resized_style(load_image(s), config.size, config.style_scale, config.resample)
                     for s in styles]
     for image in style_images:
         check_fits(image, layers, "style image")
