@@ -165,7 +165,6 @@ class Recorder:
     def __init__(self):
         self.compiled: dict[str, Compiled] = {}
         self.case: Case | None = None
-        self.compile_seconds = 0.0
 
     def add(self, name: str, kernel) -> None:
         key = kernel.hash if hasattr(kernel, "hash") else kernel.metadata.hash
@@ -178,9 +177,6 @@ class Recorder:
             entry.cases.append(self.case.label)
         entry.dtypes.add(self.case.dtype)
 
-    def variants(self, name: str) -> int:
-        return sum(1 for entry in self.compiled.values() if entry.kernel == name)
-
 
 @contextlib.contextmanager
 def compiling_for(arch: int, sms: int, recorder: Recorder):
@@ -190,9 +186,7 @@ def compiling_for(arch: int, sms: int, recorder: Recorder):
     original_driver = driver._active  # None unless a driver was already chosen
 
     def compile_only(self, *args, grid, warmup, **kwargs):
-        started = time.perf_counter()
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
-        recorder.compile_seconds += time.perf_counter() - started
         recorder.add(self.fn.__name__, kernel)
         return kernel
 
